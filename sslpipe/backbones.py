@@ -1,0 +1,77 @@
+"""Backbones by name from timm (default) or torchvision, classifier removed, feature width discovered."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+
+def _apply_cifar_stem(model: nn.Module, name: str) -> None:
+    """Swap a ResNet's 7x7/stride-2 conv + max-pool for a 3x3/stride-1 conv (SimCLR's CIFAR variant).
+
+    At 32 px the standard stem throws away 4x of resolution before the first block.
+    """
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ValueError(f"cifar_stem needs a ResNet-style backbone with conv1/maxpool; {name!r} has none")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def build_backbone(
+    name: str = "resnet18",
+    cifar_stem: bool = False,
+    image_size: Optional[int] = None,
+    **kwargs: Any,
+) -> tuple[nn.Module, int]:
+    """Build a headless backbone and return it with its output feature width.
+
+    Args:
+        name: a timm model name (``resnet18``, ``resnet50``, ``vit_tiny_patch16_224``, ...) or
+            ``torchvision/<name>`` for a torchvision model.
+        cifar_stem: replace a ResNet stem by a 3x3 stride-1 conv without max-pool (for 32-px images).
+        image_size: passed to timm ViTs as ``img_size`` so position embeddings match the data.
+        **kwargs: passed to the constructor (e.g. ``patch_size=4``, ``global_pool='avg'`` for a ViT).
+
+    Returns:
+        ``(module, feature_dim)``; ``module(x)`` maps ``(B, 3, H, W)`` to pooled ``(B, feature_dim)``.
+    """
+    if name.startswith("torchvision/"):
+        import torchvision
+
+        tv_name = name.split("/", 1)[1]
+        try:
+            model = torchvision.models.get_model(tv_name, weights=None, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"unknown torchvision model {tv_name!r}: {err}") from err
+        if cifar_stem:
+            _apply_cifar_stem(model, name)
+        for head in ("fc", "classifier", "heads", "head"):
+            if hasattr(model, head):
+                setattr(model, head, nn.Identity())
+                break
+        return model, _probe_width(model, image_size or 224)
+
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown backbone {name!r}: use a timm name (timm.list_models()) or 'torchvision/<name>'")
+    if image_size is not None and ("vit" in name or "deit" in name or "swin" in name or "eva" in name):
+        kwargs.setdefault("img_size", image_size)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if cifar_stem:
+        _apply_cifar_stem(model, name)
+    width = getattr(model, "num_features", None) or _probe_width(model, image_size or 224)
+    return model, int(width)
+
+
+@torch.no_grad()
+def _probe_width(model: nn.Module, image_size: int) -> int:
+    """Feature width found by running one dummy image (for models that do not advertise it)."""
+    was_training = model.training
+    model.eval()
+    width = model(torch.zeros(1, 3, image_size, image_size)).flatten(1).shape[1]
+    model.train(was_training)
+    return int(width)

@@ -1,0 +1,35 @@
+"""Self-supervised methods: one LightningModule per file, all subclasses of SSLMethod."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+
+from sslpipe.methods.base import SSLMethod, SSLOutput
+from sslpipe.methods.simclr import SimCLR
+
+__all__ = ["SSLMethod", "SSLOutput", "SimCLR", "load_method"]
+
+
+def load_method(checkpoint_path: str, random_init: bool = False, map_location: Any = "cpu") -> SSLMethod:
+    """Rebuild the method stored in ``checkpoint_path`` (any SSLMethod subclass).
+
+    With ``random_init`` the same architecture is built from the stored hyper-parameters but the
+    weights are left at their (seeded) initialisation: the random-init baseline for evaluation.
+    """
+    try:
+        ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {checkpoint_path!r} not found; pass --checkpoint <run dir>/checkpoints/last.ckpt") from None
+    path = ckpt.get("sslpipe_method") or ckpt.get("hyper_parameters", {}).get("_class_path")
+    if path is None:
+        raise ValueError(f"{checkpoint_path!r} was not written by an sslpipe method (no 'sslpipe_method' entry)")
+    module_name, cls_name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    model = cls(**hparams)
+    if not random_init:
+        model.load_state_dict(ckpt["state_dict"])
+    return model
