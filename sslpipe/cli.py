@@ -80,6 +80,7 @@ def pretrain(argv: Sequence[str]) -> str:
     import sslpipe.methods  # noqa: F401  registers every method as a subclass of SSLMethod
     from sslpipe.data import SSLDataModule
     from sslpipe.methods import SSLMethod
+    from sslpipe.runs import finish_loggers
 
     cli = _pretrain_cli_class()(
         SSLMethod,
@@ -94,7 +95,10 @@ def pretrain(argv: Sequence[str]) -> str:
     if rank_zero_only.rank == 0:
         with open(os.path.join(cli.run_dir, "config.yaml"), "w") as f:
             f.write(cli.parser.dump(cli.config, skip_none=False))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    finally:
+        finish_loggers(cli.trainer.loggers)
     return cli.run_dir
 
 
@@ -184,7 +188,7 @@ def evaluate(command: str, argv: Sequence[str]) -> str:
     device = torch.device("cuda" if use_cuda else "cpu")
     precision = str(cfg.trainer.precision or "32-true")
     cache_dir = cfg.feature_cache or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), "..", "features")
-    if str(cfg.feature_cache).lower() == "none":
+    if cfg.feature_cache is not None and cfg.feature_cache.lower() == "none":  # None (unset): the default folder
         cache_dir = None
     stat = os.stat(cfg.checkpoint)
 
@@ -223,20 +227,32 @@ REPORT_COLUMNS = ["method", "dataset", "epochs", "train_images_per_second", "onl
 
 
 def report(argv: Sequence[str]) -> str:
-    """Print a Markdown table of the given run directories' metrics (only columns some run has)."""
+    """Print a Markdown table of run directories' metrics (only the columns some run has).
+
+    ``--merge`` folds runs of the same ``method`` into one row, so a pretraining run, its linear probe
+    and its kNN evaluation read as one line.
+    """
     import argparse
     import json
 
     ap = argparse.ArgumentParser(prog="sslpipe report", description="Table of runs' metrics.json.")
     ap.add_argument("runs", nargs="+", help="run directories (or metrics.json files)")
-    ap.add_argument("--columns", nargs="*", default=REPORT_COLUMNS)
+    ap.add_argument("--columns", nargs="*", default=REPORT_COLUMNS, help="metrics to show, in order")
+    ap.add_argument("--merge", action="store_true", help="one row per method (later runs fill in missing values)")
     args = ap.parse_args(list(argv))
-    rows = []
+    rows: list[dict[str, Any]] = []
     for run in args.runs:
         path = run if run.endswith(".json") else os.path.join(run, "metrics.json")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no metrics.json at {path!r}: pass run directories printed by sslpipe commands")
         with open(path) as f:
-            rows.append(json.load(f))
-    cols = [c for c in args.columns if any(c in r for r in rows)]
+            row = json.load(f)
+        same = [r for r in rows if args.merge and r.get("method") == row.get("method")]
+        if same:
+            same[0].update({k: v for k, v in row.items() if v is not None and same[0].get(k) is None})
+        else:
+            rows.append(row)
+    cols = [c for c in args.columns if any(r.get(c) is not None for r in rows)]
 
     def fmt(v: Any) -> str:
         return f"{v:.1f}" if isinstance(v, float) else ("" if v is None else str(v))

@@ -33,16 +33,18 @@ def make_run_dir(root: Optional[str], parts: list[str], name: Optional[str] = No
     """Create and return the run directory, identical on every rank of one job.
 
     Rank 0 of a single launch picks ``<root>/<time>-<parts>`` and exports it in ``SSLPIPE_RUN_DIR`` so
-    the processes Lightning spawns for the other ranks inherit it. Under torchrun or SLURM, where the
-    ranks start independently, the job id stands in for the time so they agree without talking.
+    the processes Lightning spawns for the other ranks inherit it. Where ranks start independently
+    (torchrun, SLURM) a job id stands in for the time so they agree without talking: ``SSLPIPE_RUN_ID``
+    if set (the torchrun launcher sets it), else torchrun's rendezvous id, else ``SLURM_JOB_ID``.
     """
     if os.environ.get(ENV_RUN_DIR):
         run_dir = os.environ[ENV_RUN_DIR]
         os.makedirs(run_dir, exist_ok=True)
         return run_dir
     root = root or "runs"
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-    stamp = f"job{job}" if job and job != "none" else time.strftime("%Y%m%d-%H%M%S")
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID")
+    job = os.environ.get("SSLPIPE_RUN_ID") or (elastic if elastic not in (None, "", "none") else None) or os.environ.get("SLURM_JOB_ID")
+    stamp = f"job{job}" if job else time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(root, name or "-".join([stamp, *parts]))
     run_dir, n = base, 1
     while not job and os.path.exists(run_dir):  # two runs in the same second: keep both
@@ -83,3 +85,16 @@ def build_loggers(run_dir: str, options: RunOptions, run_name: str) -> list:
         else:
             raise ValueError(f"unknown logger {name!r} in run.loggers: choose from 'csv', 'wandb', 'tensorboard'")
     return loggers
+
+
+def finish_loggers(loggers: list) -> None:
+    """End the W&B runs among ``loggers`` (Lightning leaves them open when fit returns).
+
+    Otherwise the next run started in the same process (tests, sweeps calling ``sslpipe.cli.main``)
+    would reuse this W&B run and log into this run directory.
+    """
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # a no-op stand-in on ranks other than 0

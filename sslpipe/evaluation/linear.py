@@ -16,6 +16,7 @@ from torch import nn
 
 from sslpipe.evaluation.metrics import topk_accuracy
 from sslpipe.optim import warmup_cosine
+from sslpipe.progress import progress
 
 
 @dataclass
@@ -96,7 +97,7 @@ def train_linear_probe(
         n_hold = max(1, int(holdout_fraction * len(xtr)))
         hold, fit = perm[:n_hold], perm[n_hold:]
         best_acc = -1.0
-        for lr, wd in grid:
+        for lr, wd in progress(grid, desc="linear probe sweep"):
             head = _fit(xtr[fit], ytr[fit], num_classes, lr, wd, epochs, batch_size, seed)
             acc = 100 * topk_accuracy(_scores(head, xtr[hold]), ytr[hold].cpu(), (1,))[1]
             sweep.append({"lr": lr, "weight_decay": wd, "holdout_top1": acc})
