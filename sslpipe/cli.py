@@ -1,4 +1,4 @@
-"""Command line: ``sslpipe pretrain | linear | knn | report``.
+"""Command line: ``sslpipe pretrain | linear | knn | kmeans | report``.
 
 ``pretrain`` is a LightningCLI (``--config``, dotted overrides such as ``--model.backbone resnet50``,
 ``--print_config``); ``linear`` and ``knn`` read the method, its hyper-parameters and the data
@@ -14,11 +14,12 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-USAGE = """usage: sslpipe {pretrain,linear,knn,report} [options]
+USAGE = """usage: sslpipe {pretrain,linear,knn,kmeans,report} [options]
 
   pretrain --config FILE [--key value ...]       self-supervised pretraining (LightningCLI)
   linear   --checkpoint CKPT [--config FILE] ...  linear probe on frozen, cached features
   knn      --checkpoint CKPT [--config FILE] ...  weighted kNN (faiss) on frozen, cached features
+  kmeans   --checkpoint CKPT [--config FILE] ...  k-means (faiss) of val features: NMI, ARI, accuracy
   report   RUN_DIR [RUN_DIR ...]                  table of the runs' metrics.json
 
 Run `sslpipe COMMAND --help` for a command's options.
@@ -122,6 +123,13 @@ class KNNOptions:
     temperature: float = 0.07
 
 
+@dataclass
+class KMeansOptions:
+    """k-means options (``kmeans.*``); ``num_clusters`` None means the number of classes."""
+
+    num_clusters: Optional[int] = None
+
+
 def _eval_parser(command: str):
     from jsonargparse import ActionConfigFile, ArgumentParser
     from pytorch_lightning import Trainer
@@ -143,6 +151,7 @@ def _eval_parser(command: str):
     parser.add_class_arguments(Trainer, "trainer", fail_untyped=False)
     parser.add_class_arguments(LinearOptions, "linear")
     parser.add_class_arguments(KNNOptions, "knn")
+    parser.add_class_arguments(KMeansOptions, "kmeans")
     return parser
 
 
@@ -157,13 +166,14 @@ def _checkpoint_data_defaults(path: str) -> dict[str, Any]:
 
 
 def evaluate(command: str, argv: Sequence[str]) -> str:
-    """Run ``linear`` or ``knn`` evaluation; returns the run directory."""
+    """Run ``linear``, ``knn`` or ``kmeans`` evaluation; returns the run directory."""
     import torch
     from pytorch_lightning import seed_everything
 
     from sslpipe.callbacks import write_metrics
     from sslpipe.data import SSLDataModule
     from sslpipe.evaluation import cached_features, extract_features, knn_classify, train_linear_probe
+    from sslpipe.evaluation.clustering import clustering_scores
     from sslpipe.evaluation.features import cache_key
     from sslpipe.methods import load_method
     from sslpipe.runs import make_run_dir
@@ -202,9 +212,11 @@ def evaluate(command: str, argv: Sequence[str]) -> str:
             cache_dir, key, lambda: extract_features(model, data.eval_dataloader(split), device, precision, desc=f"{split} features")
         )
 
-    (xtr, ytr), (xva, yva) = features("train"), features("val")
+    xva, yva = features("val")
+    if command in ("linear", "knn"):  # k-means clusters the val split alone
+        xtr, ytr = features("train")
     metrics: dict[str, Any] = {"method": method, "dataset": data.dataset, "checkpoint": os.path.abspath(cfg.checkpoint),
-                               "random_init": cfg.random_init, "feature_dim": int(xtr.shape[1])}
+                               "random_init": cfg.random_init, "feature_dim": int(xva.shape[1])}
     if command == "linear":
         opts = cfg.linear
         result = train_linear_probe(
@@ -214,6 +226,11 @@ def evaluate(command: str, argv: Sequence[str]) -> str:
         metrics.update(linear_top1=result.top1, linear_top5=result.top5, linear_lr=result.lr,
                        linear_weight_decay=result.weight_decay, linear_sweep=result.sweep)
         print(f"linear probe: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  (lr {result.lr}, wd {result.weight_decay})")
+    elif command == "kmeans":
+        k = cfg.kmeans.num_clusters or data.num_classes
+        metrics.update(clustering_scores(xva, yva, k, seed=seed), kmeans_clusters=k)
+        print(f"k-means (k={k}) on val: NMI {metrics['kmeans_nmi']:.2f}  ARI {metrics['kmeans_ari']:.2f}  "
+              f"accuracy {metrics['kmeans_accuracy']:.2f}%")
     else:
         metrics.update(knn_classify(xtr, ytr, xva, yva, data.num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature))
         metrics.update(knn_k=cfg.knn.k, knn_temperature=cfg.knn.temperature)
@@ -223,7 +240,7 @@ def evaluate(command: str, argv: Sequence[str]) -> str:
 
 
 # ============================================================================ report
-REPORT_COLUMNS = ["method", "dataset", "epochs", "train_images_per_second", "online_linear_top1", "linear_top1", "linear_top5", "knn_top1", "knn_top5"]
+REPORT_COLUMNS = ["method", "dataset", "epochs", "train_images_per_second", "online_linear_top1", "linear_top1", "linear_top5", "knn_top1", "knn_top5", "kmeans_nmi", "kmeans_accuracy"]
 
 
 def report(argv: Sequence[str]) -> str:
@@ -275,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     command, rest = argv[0], argv[1:]
     if command == "pretrain":
         run_dir = pretrain(rest)
-    elif command in ("linear", "knn"):
+    elif command in ("linear", "knn", "kmeans"):
         run_dir = evaluate(command, rest)
     elif command == "report":
         report(rest)
