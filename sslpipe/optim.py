@@ -14,7 +14,8 @@ OptimizerName = Literal["sgd", "adamw", "lars"]
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise adaptive rate scaling (You et al., 2017), as used by SimCLR.
 
-    Each parameter's update is scaled by ``trust = eta * ||w|| / (||g|| + wd * ||w||)``. Groups with
+    Each parameter's decayed gradient ``d = g + wd * w`` is scaled by ``trust = eta * ||w|| / ||d||``
+    (SimCLR's form; the LARS paper divides by ``||g|| + wd * ||w||``, an upper bound of ``||d||``). Groups with
     ``lars_exclude=True`` (biases, norm weights, the online probe) get plain SGD: adapting them by
     their own tiny norms is known to destabilise training.
     """

@@ -1,0 +1,139 @@
+"""LARS against a hand-computed update, parameter grouping, optimiser factory, warm-up + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sslpipe.optim import LARS, build_optimizer, param_groups, warmup_cosine
+
+
+def _norm(values: list[float]) -> float:
+    return math.sqrt(sum(v * v for v in values))
+
+
+def test_lars_two_steps_by_hand():
+    """SimCLR's LARS: d = g + wd*w; trust = eta*||w||/||d||; v = m*v + trust*d; w -= lr*v.
+
+    Biases (``lars_exclude``) take plain momentum SGD: v = m*v + g; b -= lr*v.
+    """
+    lr, momentum, wd, eta = 0.5, 0.9, 0.01, 0.02
+    w0 = [0.5, -1.0, 2.0, 0.25]
+    b0 = [0.3, -0.2]
+    grads_w = [[0.1, 0.2, -0.3, 0.05], [-0.2, 0.4, 0.1, 0.3]]
+    grads_b = [[1.0, -2.0], [0.5, 0.5]]
+
+    w = nn.Parameter(torch.tensor(w0, dtype=torch.float64).reshape(2, 2))
+    b = nn.Parameter(torch.tensor(b0, dtype=torch.float64))
+    opt = LARS(
+        [{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+        lr=lr, momentum=momentum, eta=eta,
+    )
+
+    ew, eb = list(w0), list(b0)  # expected values, plain Python
+    vw, vb = [0.0] * 4, [0.0] * 2
+    for gw, gb in zip(grads_w, grads_b):
+        w.grad = torch.tensor(gw, dtype=torch.float64).reshape(2, 2)
+        b.grad = torch.tensor(gb, dtype=torch.float64)
+        opt.step()
+
+        d = [g + wd * x for g, x in zip(gw, ew)]
+        trust = eta * _norm(ew) / _norm(d)
+        vw = [momentum * v + trust * di for v, di in zip(vw, d)]
+        ew = [x - lr * v for x, v in zip(ew, vw)]
+        vb = [momentum * v + g for v, g in zip(vb, gb)]
+        eb = [x - lr * v for x, v in zip(eb, vb)]
+
+        assert w.detach().flatten().tolist() == pytest.approx(ew, rel=1e-6)
+        assert b.detach().tolist() == pytest.approx(eb, rel=1e-12)
+    # the trust ratio really shrank the weight's step far below plain SGD's
+    assert abs(ew[0] - w0[0]) < 0.1 * lr * abs(grads_w[0][0])
+
+
+def test_lars_excluded_group_is_plain_sgd_with_its_weight_decay():
+    c = nn.Parameter(torch.tensor([1.0, -3.0]))
+    opt = LARS([{"params": [c], "weight_decay": 0.1, "lars_exclude": True}], lr=0.2, momentum=0.0)
+    c.grad = torch.tensor([0.5, 0.5])
+    opt.step()
+    assert c.detach().tolist() == pytest.approx([1.0 - 0.2 * (0.5 + 0.1), -3.0 - 0.2 * (0.5 - 0.3)])
+
+
+def test_lars_zero_weight_uses_trust_one():
+    """A zero-initialised layer has ||w|| = 0: LARS falls back to the plain gradient step, not a zero step."""
+    z = nn.Parameter(torch.zeros(3))
+    opt = LARS([z], lr=0.1, momentum=0.9, eta=0.001)
+    z.grad = torch.tensor([1.0, 2.0, -1.0])
+    opt.step()
+    assert z.detach().tolist() == pytest.approx([-0.1, -0.2, 0.1])
+
+
+def test_lars_rejects_negative_lr():
+    with pytest.raises(ValueError, match="lr"):
+        LARS([nn.Parameter(torch.zeros(1))], lr=-1.0)
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 2)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 5, 4))
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+        self.probe = nn.Linear(4, 3)
+
+
+def _ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+def test_param_groups_split():
+    net = _Net()
+    groups = param_groups(net, weight_decay=0.05, prefix_excluded=("probe.",))
+    assert len(groups) == 2
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.05 and decay["lars_exclude"] is False
+    assert no_decay["weight_decay"] == 0.0 and no_decay["lars_exclude"] is True
+    assert _ids(decay["params"]) == _ids([net.conv.weight, net.fc.weight])
+    assert _ids(no_decay["params"]) == _ids([net.conv.bias, net.bn.weight, net.bn.bias, net.fc.bias, net.pos_embed])
+
+    everything = param_groups(net, weight_decay=0.05, exclude_bias_norm=False)
+    assert len(everything) == 1
+    expected = [p for name, p in net.named_parameters() if p.requires_grad]  # probe included this time
+    assert _ids(everything[0]["params"]) == _ids(expected)
+
+
+def test_build_optimizer():
+    net = _Net()
+    sgd = build_optimizer("sgd", param_groups(net, 0.1), lr=0.3, momentum=0.8)
+    assert isinstance(sgd, torch.optim.SGD)
+    assert [g["weight_decay"] for g in sgd.param_groups] == [0.1, 0.0]
+    assert all(g["lr"] == 0.3 and g["momentum"] == 0.8 for g in sgd.param_groups)
+    adamw = build_optimizer("adamw", param_groups(net, 0.1), lr=1e-3, betas=(0.9, 0.95))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.9, 0.95)
+    lars = build_optimizer("lars", param_groups(net, 0.1), lr=0.3)
+    assert isinstance(lars, LARS) and [g["lars_exclude"] for g in lars.param_groups] == [False, True]
+    with pytest.raises(ValueError, match="'lamb'"):
+        build_optimizer("lamb", param_groups(net, 0.1), lr=0.3)  # type: ignore[arg-type]
+
+
+def test_warmup_cosine_values():
+    # warm-up over 4 steps: (step + 1) / 4
+    assert [warmup_cosine(s, 4, 12) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    # cosine over the remaining 8 steps: 0.5 * (1 + cos(pi * (step - 4) / 8))
+    assert warmup_cosine(4, 4, 12) == pytest.approx(1.0)
+    assert warmup_cosine(6, 4, 12) == pytest.approx(0.8535533905932737)  # (1 + 1/sqrt(2)) / 2
+    assert warmup_cosine(8, 4, 12) == pytest.approx(0.5)
+    assert warmup_cosine(12, 4, 12) == pytest.approx(0.0, abs=1e-12)
+    assert warmup_cosine(20, 4, 12) == pytest.approx(0.0, abs=1e-12)  # clamped after the end
+    # a floor: final + (1 - final) * cosine
+    assert warmup_cosine(8, 4, 12, final_ratio=0.1) == pytest.approx(0.55)
+    assert warmup_cosine(12, 4, 12, final_ratio=0.1) == pytest.approx(0.1)
+    # no warm-up starts at the full rate
+    assert warmup_cosine(0, 0, 10) == pytest.approx(1.0)
+    values = [warmup_cosine(s, 4, 12) for s in range(3, 13)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # non-increasing after warm-up
