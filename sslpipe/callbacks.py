@@ -92,3 +92,75 @@ class RunSummary(pl.Callback):
             if value is not None:
                 summary[key] = value
         write_metrics(self.run_dir, summary)
+
+
+class ReconstructionLogger(pl.Callback):
+    """Every ``every_n_epochs`` (and after the last epoch) save a grid of a fixed validation batch:
+    row 1 the input, row 2 the masked/corrupted input, row 3 the reconstruction.
+
+    Written to ``<run dir>/reconstructions/epoch_XXX.png`` and sent to W&B / TensorBoard when those
+    loggers are attached. The module must provide ``reconstruct(images, generator) -> (corrupted,
+    reconstruction)`` in the input's normalisation; the grid is un-normalised with the datamodule's
+    ``mean``/``std``. A fixed seed keeps the same masks/noise every epoch so grids are comparable.
+    """
+
+    def __init__(self, every_n_epochs: int = 10, num_images: int = 8, seed: int = 0) -> None:
+        if every_n_epochs < 1 or num_images < 1:
+            raise ValueError(f"every_n_epochs and num_images must be >= 1, got {every_n_epochs} and {num_images}")
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.seed = seed
+        self._images: Optional[torch.Tensor] = None
+
+    def _fixed_batch(self, trainer: pl.Trainer) -> Optional[torch.Tensor]:
+        if self._images is None:
+            # Index the validation set directly: no loader workers spawned for eight images.
+            loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
+            if loader is None:
+                return None
+            dataset = loader.dataset
+            self._images = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
+        return self._images
+
+    def _denormalise(self, trainer: pl.Trainer, images: torch.Tensor) -> torch.Tensor:
+        dm = trainer.datamodule
+        if dm is not None and hasattr(dm, "mean") and hasattr(dm, "std"):
+            mean = torch.tensor(dm.mean, dtype=images.dtype).view(1, -1, 1, 1)
+            std = torch.tensor(dm.std, dtype=images.dtype).view(1, -1, 1, 1)
+            images = images * std + mean
+        return images.clamp(0, 1)
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+            return
+        images = self._fixed_batch(trainer)
+        if images is None:
+            return
+        self.write(trainer, pl_module, images, f"epoch_{trainer.current_epoch:03d}")
+
+    def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: torch.Tensor, name: str) -> str:
+        """Reconstruct ``images``, save the grid PNG as ``<run dir>/reconstructions/<name>.png``, log it; return the path."""
+        import torchvision.utils as vutils
+        from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+
+        was_training = pl_module.training
+        pl_module.eval()
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        with torch.no_grad():
+            corrupted, recon = pl_module.reconstruct(images.to(pl_module.device), generator)
+        pl_module.train(was_training)
+        rows = [self._denormalise(trainer, x.detach().float().cpu()) for x in (images, corrupted, recon)]
+        grid = vutils.make_grid(torch.cat(rows), nrow=images.shape[0], padding=2, pad_value=1.0)
+        out_dir = os.path.join(trainer.default_root_dir, "reconstructions")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{name}.png")
+        vutils.save_image(grid, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                array = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+                logger.log_image(key="reconstructions", images=[array], caption=[name])
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("reconstructions", grid, global_step=trainer.global_step)
+        return path

@@ -72,3 +72,28 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src)
     return tensor
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle the global batch across ranks (MoCo's shuffle-BN); returns this rank's share and the undo index.
+
+    Every rank gathers the global batch, applies one permutation drawn on rank 0 and keeps its own
+    ``N`` rows of the permuted batch, so BatchNorm statistics of the keys come from a random subset
+    of images rather than the subset whose queries this rank holds. Pass the returned index to
+    :func:`batch_unshuffle`. On one process the batch is only permuted (a no-op for BatchNorm over
+    the whole batch; see ``MoCo``'s ``bn_splits`` for the single-device equivalent).
+    """
+    x_all = gather_no_grad(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device)
+    broadcast_(perm)  # one permutation for all ranks, or rows would be lost or duplicated
+    n = x.shape[0]
+    return x_all[perm[rank() * n : (rank() + 1) * n]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`batch_shuffle` on its outputs: row i of the result belongs to this rank's input row i."""
+    x_all = gather_no_grad(x)
+    n = x.shape[0]
+    return x_all[unshuffle[rank() * n : (rank() + 1) * n]]

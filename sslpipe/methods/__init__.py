@@ -9,8 +9,11 @@ import torch
 
 from sslpipe.methods.base import SSLMethod, SSLOutput
 from sslpipe.methods.simclr import SimCLR
+from sslpipe.methods.masked import DenoisingAutoencoder, MaskedAutoencoder, MaskedImageModel, SimMIM
+from sslpipe.methods.moco import MoCo
+from sslpipe.methods.pirl import PIRL
 
-__all__ = ["SSLMethod", "SSLOutput", "SimCLR", "load_method"]
+__all__ = ["DenoisingAutoencoder", "MaskedAutoencoder", "MaskedImageModel", "SimMIM", "SSLMethod", "SSLOutput", "MoCo", "SimCLR", "load_method", "PIRL"]
 
 
 def load_method(checkpoint_path: str, random_init: bool = False, map_location: Any = "cpu") -> SSLMethod:

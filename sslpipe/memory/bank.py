@@ -1,0 +1,103 @@
+"""A memory bank of one unit-norm embedding per training image (Wu et al., 2018; PIRL).
+
+Each slot holds an exponential moving average of the embeddings its image received, so negatives
+come from the whole data set at the cost of one forward pass per image per epoch. Under DDP every
+rank applies every rank's updates, so the banks stay bit-identical without being broadcast.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sslpipe.distributed import gather_no_grad
+
+
+class MemoryBank(nn.Module):
+    """``(size, dim)`` fp32 buffer ``bank`` of unit vectors with EMA updates and negative sampling.
+
+    Args:
+        size: number of slots (the number of training images).
+        dim: embedding width.
+        momentum: EMA coefficient alpha in ``m <- alpha * m + (1 - alpha) * v`` (PIRL: 0.5).
+        on_cpu: keep the bank in host memory even when the module moves to an accelerator
+            (for ImageNet-scale banks that do not fit next to the model); rows travel on demand.
+        seed: seed of the random unit-vector initialisation; the same on every rank, so ranks
+            start identical without a broadcast.
+    """
+
+    bank: torch.Tensor
+
+    def __init__(self, size: int, dim: int, momentum: float = 0.5, on_cpu: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        if size < 2 or dim < 1:
+            raise ValueError(f"a memory bank needs size >= 2 and dim >= 1, got size={size}, dim={dim}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.on_cpu = on_cpu
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("bank", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
+
+    @property
+    def size(self) -> int:
+        """Number of slots."""
+        return self.bank.shape[0]
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # .to(device) / .half() reach buffers through _apply. The bank is taken out first so that a
+        # CPU bank never makes a transient copy on the accelerator, and it stays fp32 whatever the
+        # model's dtype (EMA steps between unit vectors need the precision).
+        bank = self._buffers.pop("bank")
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            if not self.on_cpu:
+                moved = fn(bank)
+                bank = moved if moved.dtype == torch.float32 else bank.to(moved.device)
+            self._buffers["bank"] = bank
+        return out
+
+    def get(self, indices: torch.Tensor) -> torch.Tensor:
+        """Rows ``indices`` (any device) as an fp32 tensor on ``indices``' device."""
+        return self.bank[indices.to(self.bank.device)].to(indices.device)
+
+    @torch.no_grad()
+    def sample_negatives(self, indices: torch.Tensor, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``num`` negatives per row, uniform without replacement over the bank minus the row's own slot.
+
+        One shared set of ``num + 1`` distinct slots is drawn for the batch (one matrix product scores
+        them all); each row then drops its own index if the set holds it, else the set's last slot.
+        Either way a row keeps exactly ``num`` slots, a uniform draw from the other ``size - 1``.
+
+        Returns:
+            ``(slots, mask)``: ``slots`` ``(num + 1,)`` on the bank's device, and ``mask``
+            ``(B, num + 1)`` bool on ``indices``' device, True where a slot is a negative of that row.
+        """
+        if not 1 <= num <= self.size - 1:
+            raise ValueError(f"num negatives must be in [1, {self.size - 1}] for a bank of {self.size}, got {num}")
+        slots = torch.randperm(self.size, device=self.bank.device)[: num + 1]
+        own = slots.to(indices.device)[None, :] == indices[:, None]  # (B, num+1), at most one True per row
+        drop = own.clone()
+        drop[:, -1] |= ~own.any(1)
+        return slots, ~drop
+
+    @torch.no_grad()
+    def update(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:
+        """EMA-update slots ``indices`` with ``embeddings`` (unit vectors) from every rank, then renormalise.
+
+        Indices repeated in the gathered batch (DistributedSampler pads the last batches by
+        repeating samples) keep their first occurrence, so every rank writes the same values.
+        """
+        idx = gather_no_grad(indices.long().contiguous())
+        emb = gather_no_grad(embeddings.detach().float().contiguous())
+        uniq, inverse = torch.unique(idx, return_inverse=True)
+        position = torch.arange(idx.numel(), device=idx.device)
+        first = torch.full_like(uniq, idx.numel()).scatter_reduce(0, inverse, position, reduce="amin")
+        idx = idx[first].to(self.bank.device)
+        emb = emb[first].to(self.bank.device)
+        mixed = self.momentum * self.bank[idx] + (1.0 - self.momentum) * emb
+        self.bank[idx] = F.normalize(mixed, dim=1)

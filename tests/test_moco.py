@@ -1,0 +1,198 @@
+"""MoCo: momentum update, frozen key encoder, InfoNCE losses, shuffle-BN, resume, end-to-end CLI."""
+
+import math
+import types
+
+import pytest
+import torch
+
+# Only light imports at module level: the gloo test's worker processes import this module again.
+from sslpipe.distributed import batch_shuffle, batch_unshuffle
+from sslpipe.losses import infonce_loss, moco_v3_loss
+from sslpipe.momentum import cosine_momentum, ema_update_
+from tests.helpers import TINY, read_metrics, run_cli, run_distributed
+
+SMALL = dict(backbone="resnet18", image_size=16, proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32,
+             optimizer="sgd", base_lr=0.05, warmup_epochs=0, num_classes=10)
+
+
+def _moco(**kwargs):
+    """A small MoCo (ResNet-18 at 16 px, narrow heads); ``kwargs`` override :data:`SMALL`."""
+    from sslpipe.methods import MoCo
+
+    return MoCo(**{**SMALL, **kwargs})
+
+
+def _fake_trainer(global_step: int, total: int = 10) -> types.SimpleNamespace:
+    return types.SimpleNamespace(global_step=global_step, estimated_stepping_batches=total)
+
+
+def test_momentum_update_follows_the_formula_once_per_optimiser_step():
+    torch.manual_seed(0)
+    model = _moco(mode="v3", key_momentum=0.9, key_momentum_cosine=True, shuffle_bn=False)
+    model.log = lambda *args, **kwargs: None  # no trainer to log into
+    with torch.no_grad():  # make online and key weights differ, as after some optimiser steps
+        for p in list(model.backbone.parameters()) + list(model.projector.parameters()):
+            p.add_(torch.randn_like(p))
+        model.backbone.bn1.running_mean.add_(3.0)
+    key_before = [p.clone() for p in list(model.key_backbone.parameters()) + list(model.key_projector.parameters())]
+    online = [p.clone() for p in list(model.backbone.parameters()) + list(model.projector.parameters())]
+    model.key_step.fill_(3)
+    model.trainer = _fake_trainer(global_step=4, total=10)
+    model.on_train_batch_end(None, (None, torch.zeros(2)), 0)
+    m = 1 - (1 - 0.9) * (1 + math.cos(math.pi * 3 / 10)) / 2  # cosine schedule at step 3 of 10, written out
+    after = list(model.key_backbone.parameters()) + list(model.key_projector.parameters())
+    for k_new, k_old, q in zip(after, key_before, online):
+        torch.testing.assert_close(k_new, m * k_old + (1 - m) * q)
+    assert torch.equal(model.key_backbone.bn1.running_mean, model.backbone.bn1.running_mean)  # buffers copied
+    assert int(model.key_step) == 4
+    # A gradient-accumulation batch (no optimiser step, global_step unchanged) must not update again.
+    snapshot = [p.clone() for p in after]
+    model.on_train_batch_end(None, (None, torch.zeros(2)), 1)
+    assert all(torch.equal(a, b) for a, b in zip(after, snapshot))
+
+
+def test_cosine_momentum_end_points_and_plain_ema():
+    assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
+    assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
+    assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    w_a, w_b = a.weight.detach().clone(), b.weight.detach().clone()
+    ema_update_(a, b, 0.25)
+    torch.testing.assert_close(a.weight, 0.25 * w_a + 0.75 * w_b)
+    with pytest.raises(ValueError, match="momentum m"):
+        ema_update_(a, b, 1.5)
+
+
+@pytest.mark.parametrize("mode", ["v2", "v3"])
+def test_key_encoder_gets_no_gradient_and_is_not_optimised(mode):
+    torch.manual_seed(0)
+    model = _moco(mode=mode, queue_size=40, bn_splits=2)
+    views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
+    out = model.ssl_step(views, torch.arange(8))
+    out.loss.backward()
+    key_params = list(model.key_backbone.parameters()) + list(model.key_projector.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in key_params)
+    assert all(p.grad is not None for p in model.backbone.parameters())
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert not trainable & {id(p) for p in key_params}
+    if mode == "v2":
+        assert int(model.queue.ptr) == 8  # the step enqueued its 8 keys, as unit vectors
+        torch.testing.assert_close(model.queue.queue[:8].norm(dim=1), torch.ones(8))
+
+
+def test_infonce_with_queue_matches_a_loop():
+    torch.manual_seed(0)
+    q, k, queue = torch.randn(5, 4), torch.randn(5, 4), torch.nn.functional.normalize(torch.randn(7, 4), dim=1)
+    tau = 0.2
+    expected = 0.0
+    for i in range(5):
+        qi = q[i].double() / q[i].double().norm()
+        ki = k[i].double() / k[i].double().norm()
+        pos = float(qi @ ki) / tau
+        negs = [float(qi @ queue[j].double()) / tau for j in range(7)]
+        expected += -pos + math.log(math.exp(pos) + sum(math.exp(n) for n in negs))
+    assert float(infonce_loss(q, k, queue, tau)) == pytest.approx(expected / 5, rel=1e-5)
+
+
+def _v3_loss_reference(q_all: torch.Tensor, k_all: torch.Tensor, rows: range, tau: float) -> float:
+    """Mean over ``rows`` of -log softmax of q_i's own key among all keys, times 2 tau, by loops."""
+    total = 0.0
+    for i in rows:
+        qi = q_all[i].double() / q_all[i].double().norm()
+        sims = [float(qi @ (k_all[j].double() / k_all[j].double().norm())) / tau for j in range(len(k_all))]
+        total += -sims[i] + math.log(sum(math.exp(s) for s in sims))
+    return 2 * tau * total / len(rows)
+
+
+def test_moco_v3_loss_matches_a_loop_on_one_process():
+    torch.manual_seed(1)
+    q, k = torch.randn(6, 5), torch.randn(6, 5)
+    assert float(moco_v3_loss(q, k, 0.2)) == pytest.approx(_v3_loss_reference(q, k, range(6), 0.2), rel=1e-5)
+
+
+def _distributed_shuffle_and_v3_loss(rank: int, world_size: int) -> dict:
+    torch.manual_seed(0)  # same stream on both ranks; rank 0's permutation is broadcast anyway
+    x = torch.arange(8, dtype=torch.float32).view(4, 2) + 100 * rank
+    shuffled, undo = batch_shuffle(x)
+    restored = batch_unshuffle(shuffled * 2 + 1, undo)  # a per-row function applied on the shuffled batch
+    g = torch.Generator().manual_seed(3)
+    q_all, k_all = torch.randn(2 * 3, 5, generator=g), torch.randn(2 * 3, 5, generator=g)
+    loss = moco_v3_loss(q_all[rank * 3 : (rank + 1) * 3], k_all[rank * 3 : (rank + 1) * 3], 0.2)
+    return {"x": x, "shuffled": shuffled, "restored": restored, "loss": float(loss), "q": q_all, "k": k_all}
+
+
+def test_shuffle_bn_helpers_and_v3_loss_on_two_gloo_ranks():
+    results = run_distributed(_distributed_shuffle_and_v3_loss, 2)
+    all_x = torch.cat([r["x"] for r in results])
+    all_shuffled = torch.cat([r["shuffled"] for r in results])
+    # A permutation of the global batch: every row exactly once, and rows crossed ranks.
+    assert sorted(all_shuffled[:, 0].tolist()) == sorted(all_x[:, 0].tolist())
+    assert any(row[0] >= 100 for row in results[0]["shuffled"])
+    for r in results:
+        assert torch.equal(r["restored"], r["x"] * 2 + 1)
+    q, k = results[0]["q"], results[0]["k"]
+    for rank, r in enumerate(results):  # each rank's anchors against the keys of both ranks
+        assert r["loss"] == pytest.approx(_v3_loss_reference(q, k, range(rank * 3, rank * 3 + 3), 0.2), rel=1e-5)
+
+
+def test_v3_with_a_timm_vit_and_frozen_patch_embedding():
+    torch.manual_seed(0)
+    model = _moco(mode="v3", backbone="vit_tiny_patch16_224", backbone_kwargs={"patch_size": 4, "depth": 2},
+                  freeze_patch_embed=True, shuffle_bn=False)
+    out = model.ssl_step([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)], torch.arange(4))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.features.shape == (4, model.feature_dim)
+    assert all(p.grad is None for p in model.backbone.patch_embed.parameters())
+    assert model.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
+def test_conflicting_batch_norm_options_are_rejected():
+    with pytest.raises(ValueError, match="shuffle_bn and sync_bn"):
+        _moco(mode="v2", shuffle_bn=True, sync_bn=True)
+
+
+def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path):
+    import pytorch_lightning as pl
+
+    from sslpipe.data import SSLDataModule
+
+    class RecordStateAtStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+    def fit(max_epochs, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        model = _moco(mode="v2", queue_size=50, key_momentum=0.9)
+        data = SSLDataModule("digits", image_size=16, batch_size=16, num_workers=0)
+        trainer = pl.Trainer(max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=0, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=list(callbacks), accelerator="cpu")
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return trainer, model
+
+    trainer, model = fit(1)
+    path = str(tmp_path / "step3.ckpt")
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["state_dict"]
+    assert int(saved["key_step"]) == 3 and int(saved["queue.ptr"]) == 3 * 16 % 50
+    recorder = RecordStateAtStart()
+    _, resumed = fit(2, ckpt_path=path, callbacks=[recorder])
+    for name in ("queue.queue", "queue.ptr", "key_step", "key_backbone.conv1.weight", "key_projector.0.weight"):
+        assert torch.equal(recorder.state[name], saved[name]), name
+    assert int(resumed.key_step) == 6 and int(resumed.queue.ptr) == 6 * 16 % 50
+
+
+@pytest.mark.parametrize("config", ["configs/moco_v2/digits.yaml", "configs/moco_v3/digits.yaml"])
+def test_pretrain_then_knn_end_to_end(config, runs_dir):
+    # 16 px (the data setting travels with the checkpoint to knn): a quarter of the compute of 32 px.
+    run_dir, _ = run_cli(["pretrain", "--config", config, "--trainer.default_root_dir", runs_dir, *TINY, "--data.image_size", "16"])
+    metrics = read_metrics(run_dir)
+    assert metrics["method"] == "moco" and metrics["global_step"] == 3
+    state = torch.load(f"{run_dir}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    assert int(state["key_step"]) == 3
+    if "v2" in config:
+        assert int(state["queue.ptr"]) == 3 * 32  # TINY's batch 32, three steps, queue of 1024
+    eval_dir, _ = run_cli(["knn", "--checkpoint", f"{run_dir}/checkpoints/last.ckpt", "--trainer.default_root_dir", runs_dir,
+                           "--data.eval_batch_size", "256"])
+    assert 0 <= read_metrics(eval_dir)["knn_top1"] <= 100
