@@ -169,8 +169,10 @@ def test_two_gloo_ranks_keep_identical_banks_and_z():
 
 
 def test_pretrain_knn_and_resume_on_digits(runs_dir, caplog):
+    # The NCE form (the paper's, the library default) so that Z's estimate and checkpointing are exercised.
     args = ["pretrain", "--config", "configs/pirl/digits.yaml", "--trainer.default_root_dir", runs_dir, *TINY,
-            "--model.num_negatives", "32000", "--data.batch_size", "16", "--data.views.init_args.tile_size", "8"]
+            "--model.loss_form", "nce", "--model.num_negatives", "32000", "--data.batch_size", "16",
+            "--data.views.init_args.tile_size", "8"]
     run_dir, _ = run_cli(args)
     assert "num_negatives=32000 exceeds the 1436 other images" in caplog.text  # the cap is logged
     metrics = read_metrics(run_dir)

@@ -45,6 +45,8 @@ class MoCo(SSLMethod):
     Args:
         mode: ``v2`` or ``v3``.
         proj_hidden_dim, proj_output_dim, proj_num_layers: projector MLP (v2: 2048/128/2, v3: 4096/256/3).
+        proj_batch_norm: BatchNorm in the projector's hidden layers; ``None`` takes the paper's choice
+            (v2: none, v3: yes, plus an affine-free BN on its output).
         pred_hidden_dim: v3 predictor hidden width (4096); the predictor maps ``proj_output_dim`` to itself.
         temperature: tau (v2: 0.2; v3: 0.2 for ViT, 1.0 for ResNet).
         queue_size: v2 queue length K (65536 for ImageNet).
@@ -61,6 +63,7 @@ class MoCo(SSLMethod):
         proj_hidden_dim: int = 2048,
         proj_output_dim: int = 128,
         proj_num_layers: int = 2,
+        proj_batch_norm: Optional[bool] = None,
         pred_hidden_dim: int = 4096,
         temperature: float = 0.2,
         queue_size: int = 65536,
@@ -81,7 +84,8 @@ class MoCo(SSLMethod):
             raise ValueError(f"need bn_splits >= 1 and 0 <= key_momentum <= 1, got {bn_splits} and {key_momentum}")
         self.mode, self.temperature, self.shuffle_bn, self.bn_splits = mode, temperature, shuffle_bn, bn_splits
         v3 = mode == "v3"
-        self.projector = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers, batch_norm=v3, last_batch_norm=v3)
+        hidden_bn = v3 if proj_batch_norm is None else proj_batch_norm
+        self.projector = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers, hidden_bn, last_batch_norm=v3)
         self.predictor = mlp(proj_output_dim, pred_hidden_dim, proj_output_dim, 2) if v3 else None
         self.queue = None if v3 else MomentumQueue(queue_size, proj_output_dim)
         if freeze_patch_embed:
