@@ -11,7 +11,12 @@ root=${SSLPIPE_DEMO_ROOT:-runs/demo}
 sslpipe=.venv/bin/sslpipe
 
 # Each command prints its run directory as its last line; the rest of its output is shown as it runs.
-last_line() { "$@" | tee /dev/stderr | tail -n 1; }
+# (tee writes to the inherited stderr descriptor: `tee /dev/stderr` would re-open, and truncate, a log file.)
+last_line() {
+  local log; log=$(mktemp)
+  "$@" | tee -a "$log" >&2 || { rm -f "$log"; return 1; }
+  tail -n 1 "$log"; rm -f "$log"
+}
 
 echo "== pretraining SimCLR on digits (configs/simclr/digits.yaml) =="
 pre=$(last_line $sslpipe pretrain --config configs/simclr/digits.yaml --trainer.default_root_dir "$root" "$@")
