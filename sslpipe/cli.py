@@ -9,6 +9,7 @@ YAML (``--config``) or dotted flags to change the data. Every command writes ``c
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -46,7 +47,9 @@ def _pretrain_cli_class():
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config
-            self.method_name = cfg.model.class_path.rsplit(".", 1)[-1].lower()
+            module, _, name = cfg.model.class_path.rpartition(".")
+            init_args = cfg.model.init_args.as_dict() if cfg.model.get("init_args") else {}
+            self.method_name = getattr(importlib.import_module(module), name).method_label(init_args)
             self.run_dir = make_run_dir(cfg.trainer.default_root_dir, ["pretrain", self.method_name, cfg.data.dataset], cfg.run.name)
             cfg.trainer.default_root_dir = self.run_dir
 
@@ -186,7 +189,7 @@ def evaluate(command: str, argv: Sequence[str]) -> str:
     seed = 0 if cfg.seed_everything in (True, False) else int(cfg.seed_everything)
     seed_everything(seed, workers=True, verbose=False)
     model = load_method(cfg.checkpoint, random_init=cfg.random_init)
-    method = type(model).__name__.lower() + ("-random" if cfg.random_init else "")
+    method = model.method_label(dict(model.hparams)) + ("-random" if cfg.random_init else "")
     data_args = {k: v for k, v in cfg.data.as_dict().items() if k != "views"}
     data = SSLDataModule(**data_args)
     run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)

@@ -1,6 +1,7 @@
 """MoCo: momentum update, frozen key encoder, InfoNCE losses, shuffle-BN, resume, end-to-end CLI."""
 
 import math
+import os
 import types
 
 import pytest
@@ -190,11 +191,14 @@ def test_pretrain_then_knn_end_to_end(config, runs_dir):
     run_dir, _ = run_cli(["pretrain", "--config", config, "--trainer.default_root_dir", runs_dir, *TINY,
                           "--data.image_size", "16", "--model.init_args.bn_splits", "1"])
     metrics = read_metrics(run_dir)
-    assert metrics["method"] == "moco" and metrics["global_step"] == 3
+    mode = "v2" if "v2" in config else "v3"
+    assert metrics["method"] == f"moco_{mode}" and metrics["global_step"] == 3
+    assert os.path.basename(run_dir).endswith(f"pretrain-moco_{mode}-digits")
     state = torch.load(f"{run_dir}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert int(state["key_step"]) == 3
     if "v2" in config:
         assert int(state["queue.ptr"]) == 3 * 32  # TINY's batch 32, three steps, queue of 1024
     eval_dir, _ = run_cli(["knn", "--checkpoint", f"{run_dir}/checkpoints/last.ckpt", "--trainer.default_root_dir", runs_dir,
                            "--data.eval_batch_size", "256"])
-    assert 0 <= read_metrics(eval_dir)["knn_top1"] <= 100
+    eval_metrics = read_metrics(eval_dir)
+    assert 0 <= eval_metrics["knn_top1"] <= 100 and eval_metrics["method"] == f"moco_{mode}"

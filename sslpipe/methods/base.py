@@ -92,6 +92,11 @@ class SSLMethod(pl.LightningModule):
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.probe = nn.Linear(self.feature_dim, num_classes) if online_probe else None
 
+    @classmethod
+    def method_label(cls, hparams: dict[str, Any]) -> str:
+        """The name runs, metrics and reports use for this method with these hyper-parameters."""
+        return cls.__name__.lower()
+
     # ------------------------------------------------------------------ what subclasses use
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features ``(B, feature_dim)`` of a batch of images."""

@@ -57,6 +57,11 @@ class MoCo(SSLMethod):
         **kwargs: the shared :class:`SSLMethod` arguments (backbone, optimiser, schedule, probe).
     """
 
+    @classmethod
+    def method_label(cls, hparams: dict[str, Any]) -> str:
+        """``moco_v2`` or ``moco_v3``: the two modes are different methods in reports."""
+        return f"moco_{hparams.get('mode', 'v2')}"
+
     def __init__(
         self,
         mode: Literal["v2", "v3"] = "v2",

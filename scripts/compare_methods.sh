@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Every method on the embedded digits data at the demo's budget: pretrain with configs/<method>/digits.yaml,
+# then linear probe and kNN on the trained backbone and on the same architecture at random init, and print
+# one table. Usage: scripts/compare_methods.sh [METHOD ...]   (default: all; e.g. `moco_v2 pirl`).
+# Extra pretraining flags go in SSLPIPE_PRETRAIN_ARGS (e.g. "--trainer.max_epochs 5" for a quick look).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$SECONDS
+./scripts/setup_env.sh
+export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
+root=${SSLPIPE_COMPARE_ROOT:-runs/compare}
+sslpipe=.venv/bin/sslpipe
+methods=("$@")
+[ ${#methods[@]} -gt 0 ] || methods=(simclr moco_v2 moco_v3 pirl mae simmim dae)
+read -r -a extra <<< "${SSLPIPE_PRETRAIN_ARGS:-}"
+
+last_line() {  # run a command, show its output, return its last line (the run directory)
+  local log; log=$(mktemp)
+  "$@" | tee -a "$log" >&2 || { rm -f "$log"; return 1; }
+  tail -n 1 "$log"; rm -f "$log"
+}
+
+runs=()
+for m in "${methods[@]}"; do
+  cfg=configs/$m/digits.yaml
+  [ -f "$cfg" ] || { echo "no config $cfg: methods are the folders under configs/" >&2; exit 2; }
+  echo "== $m: pretraining ($cfg) =="
+  t0=$SECONDS
+  pre=$(last_line $sslpipe pretrain --config "$cfg" --trainer.default_root_dir "$root" --run.name "$m" "${extra[@]}")
+  echo "$m: pretraining took $((SECONDS - t0)) s" >&2
+  runs+=("$pre")
+  for init in false true; do
+    for cmd in linear knn; do
+      runs+=("$(last_line $sslpipe $cmd --checkpoint "$pre/checkpoints/last.ckpt" --random_init $init \
+                 --trainer.default_root_dir "$root")")
+    done
+  done
+done
+
+echo
+echo "== digits (360 held-out images): each method's backbone vs the same architecture at random init =="
+$sslpipe report --merge --columns method linear_top1 knn_top1 online_linear_top1 epochs train_images_per_second -- "${runs[@]}"
+echo
+echo "runs in $root; total time (set-up included): $((SECONDS - start)) s"
