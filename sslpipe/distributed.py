@@ -34,13 +34,13 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.batch = tensor.shape[0]
-        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-        dist.all_gather(out, tensor.contiguous())
-        return torch.cat(out, dim=0)
+        return gather_no_grad(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
+        # A copy: autograd may hand this same gradient tensor to other consumers, and all_reduce
+        # works in place.
+        grad = grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = dist.get_rank() * ctx.batch
         return grad[start : start + ctx.batch]

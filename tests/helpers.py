@@ -68,3 +68,4 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world_size, _free_port(), fn, args, tmp), nprocs=world_size, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+

@@ -28,10 +28,9 @@ def _fake_trainer(global_step: int, total: int = 10) -> types.SimpleNamespace:
     return types.SimpleNamespace(global_step=global_step, estimated_stepping_batches=total)
 
 
-def test_momentum_update_follows_the_formula_once_per_optimiser_step():
+def test_momentum_update_follows_the_formula_after_each_optimiser_step():
     torch.manual_seed(0)
     model = _moco(mode="v3", key_momentum=0.9, key_momentum_cosine=True, shuffle_bn=False)
-    model.log = lambda *args, **kwargs: None  # no trainer to log into
     with torch.no_grad():  # make online and key weights differ, as after some optimiser steps
         for p in list(model.backbone.parameters()) + list(model.projector.parameters()):
             p.add_(torch.randn_like(p))
@@ -39,18 +38,15 @@ def test_momentum_update_follows_the_formula_once_per_optimiser_step():
     key_before = [p.clone() for p in list(model.key_backbone.parameters()) + list(model.key_projector.parameters())]
     online = [p.clone() for p in list(model.backbone.parameters()) + list(model.projector.parameters())]
     model.key_step.fill_(3)
-    model.trainer = _fake_trainer(global_step=4, total=10)
-    model.on_train_batch_end(None, (None, torch.zeros(2)), 0)
+    model.trainer = _fake_trainer(global_step=3, total=10)  # three steps taken before this one
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no gradients: the step leaves the weights alone
+    model.optimizer_step(0, 0, optimizer, lambda: None)
     m = 1 - (1 - 0.9) * (1 + math.cos(math.pi * 3 / 10)) / 2  # cosine schedule at step 3 of 10, written out
     after = list(model.key_backbone.parameters()) + list(model.key_projector.parameters())
     for k_new, k_old, q in zip(after, key_before, online):
         torch.testing.assert_close(k_new, m * k_old + (1 - m) * q)
     assert torch.equal(model.key_backbone.bn1.running_mean, model.backbone.bn1.running_mean)  # buffers copied
     assert int(model.key_step) == 4
-    # A gradient-accumulation batch (no optimiser step, global_step unchanged) must not update again.
-    snapshot = [p.clone() for p in after]
-    model.on_train_batch_end(None, (None, torch.zeros(2)), 1)
-    assert all(torch.equal(a, b) for a, b in zip(after, snapshot))
 
 
 def test_cosine_momentum_end_points_and_plain_ema():
@@ -82,18 +78,22 @@ def test_key_encoder_gets_no_gradient_and_is_not_optimised(mode):
         torch.testing.assert_close(model.queue.queue[:8].norm(dim=1), torch.ones(8))
 
 
-def test_infonce_with_queue_matches_a_loop():
-    torch.manual_seed(0)
-    q, k, queue = torch.randn(5, 4), torch.randn(5, 4), torch.nn.functional.normalize(torch.randn(7, 4), dim=1)
-    tau = 0.2
-    expected = 0.0
-    for i in range(5):
+def _infonce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> float:
+    """Mean over queries of -log(exp(pos) / (exp(pos) + sum exp(negs))), in float64 loops."""
+    total = 0.0
+    for i in range(len(q)):
         qi = q[i].double() / q[i].double().norm()
         ki = k[i].double() / k[i].double().norm()
         pos = float(qi @ ki) / tau
-        negs = [float(qi @ queue[j].double()) / tau for j in range(7)]
-        expected += -pos + math.log(math.exp(pos) + sum(math.exp(n) for n in negs))
-    assert float(infonce_loss(q, k, queue, tau)) == pytest.approx(expected / 5, rel=1e-5)
+        negs = [float(qi @ queue[j].double()) / tau for j in range(len(queue))]
+        total += -pos + math.log(math.exp(pos) + sum(math.exp(n) for n in negs))
+    return total / len(q)
+
+
+def test_infonce_with_queue_matches_a_loop():
+    torch.manual_seed(0)
+    q, k, queue = torch.randn(5, 4), torch.randn(5, 4), torch.nn.functional.normalize(torch.randn(7, 4), dim=1)
+    assert float(infonce_loss(q, k, queue, 0.2)) == pytest.approx(_infonce_reference(q, k, queue, 0.2), rel=1e-5)
 
 
 def _v3_loss_reference(q_all: torch.Tensor, k_all: torch.Tensor, rows: range, tau: float) -> float:
@@ -110,6 +110,22 @@ def test_moco_v3_loss_matches_a_loop_on_one_process():
     torch.manual_seed(1)
     q, k = torch.randn(6, 5), torch.randn(6, 5)
     assert float(moco_v3_loss(q, k, 0.2)) == pytest.approx(_v3_loss_reference(q, k, range(6), 0.2), rel=1e-5)
+
+
+def test_losses_run_in_fp32_on_bf16_autocast_inputs():
+    """Queries and keys from a bf16 autocast matmul: the losses come out fp32, equal to fp32 math on those inputs."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 32, generator=g)
+    w = torch.randn(32, 64, generator=g) / 6
+    queue = torch.nn.functional.normalize(torch.randn(40, 64, generator=g), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q, k = x @ w, (x + torch.randn(16, 32, generator=g)) @ w
+        assert q.dtype == torch.bfloat16
+        v2 = infonce_loss(q, k, queue.bfloat16(), 0.07)
+        v3 = moco_v3_loss(q, k, 0.07)
+    assert v2.dtype == v3.dtype == torch.float32
+    assert float(v2) == pytest.approx(_infonce_reference(q.float(), k.float(), queue.bfloat16().float(), 0.07), rel=1e-5)
+    assert float(v3) == pytest.approx(_v3_loss_reference(q.float(), k.float(), range(16), 0.07), rel=1e-5)
 
 
 def _distributed_shuffle_and_v3_loss(rank: int, world_size: int) -> dict:
@@ -162,6 +178,14 @@ def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path
         def on_train_start(self, trainer, pl_module):
             self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
 
+    class RecordStepsAtBatchEnd(pl.Callback):
+        """What a step-wise checkpoint callback (run before the module's own batch-end hook) would save."""
+
+        steps: list = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.append((trainer.global_step, int(pl_module.key_step)))
+
     def fit(max_epochs, ckpt_path=None, callbacks=()):
         torch.manual_seed(0)
         model = _moco(mode="v2", queue_size=50, key_momentum=0.9)
@@ -172,7 +196,9 @@ def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path
         trainer.fit(model, data, ckpt_path=ckpt_path)
         return trainer, model
 
-    trainer, model = fit(1)
+    at_batch_end = RecordStepsAtBatchEnd()
+    trainer, model = fit(1, callbacks=[at_batch_end])
+    assert at_batch_end.steps == [(1, 1), (2, 2), (3, 3)]  # the key encoder is updated inside the step
     path = str(tmp_path / "step3.ckpt")
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["state_dict"]

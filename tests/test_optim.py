@@ -137,3 +137,32 @@ def test_warmup_cosine_values():
     assert warmup_cosine(0, 0, 10) == pytest.approx(1.0)
     values = [warmup_cosine(s, 4, 12) for s in range(3, 13)]
     assert all(a >= b for a, b in zip(values, values[1:]))  # non-increasing after warm-up
+
+
+def test_warmup_counts_epochs_in_loader_steps_when_max_steps_ends_training():
+    """warmup_epochs is measured in the loader's steps per epoch, also when max_steps, not max_epochs, ends the run."""
+    import pytorch_lightning as pl
+
+    from sslpipe.data import SSLDataModule
+    from sslpipe.methods import SimCLR
+
+    class RecordLR(pl.Callback):
+        lrs: list = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    torch.manual_seed(0)
+    model = SimCLR(backbone="resnet18", image_size=16, proj_hidden_dim=16, proj_output_dim=8, optimizer="sgd",
+                   base_lr=0.256, warmup_epochs=1.0, online_probe=False)
+    data = SSLDataModule("fake", image_size=16, batch_size=8, num_workers=0)
+    recorder = RecordLR()
+    trainer = pl.Trainer(max_epochs=1000, max_steps=6, limit_train_batches=4, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[recorder], accelerator="cpu")
+    trainer.fit(model, data)
+    peak = 0.256 * 8 / 256  # base_lr x batch / 256
+    warmup, total = 4, 6  # one epoch = 4 loader steps; training ends at max_steps = 6
+    expected = [peak * (s + 1) / warmup if s < warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+                for s in range(total)]
+    assert recorder.lrs == pytest.approx(expected, rel=1e-6)

@@ -81,3 +81,12 @@ def test_two_gloo_ranks_hold_identical_queues_of_all_ranks_keys():
     batches = [torch.cat([_keys(3, 3, 1000 * step), _keys(3, 3, 1000 * step + 100)]) for step in range(3)]
     expected, _ = _reference_writes(results[0]["initial"], batches)
     assert torch.equal(results[0]["queue"], expected)
+
+
+def test_queue_stays_fp32_when_the_model_is_cast():
+    queue = MomentumQueue(size=6, dim=4)
+    before = queue.queue.clone()
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), queue).to(torch.bfloat16)
+    assert model[0].weight.dtype == torch.bfloat16  # the rest of the model was cast
+    assert queue.queue.dtype == torch.float32 and torch.equal(queue.queue, before)
+    assert queue.ptr.dtype == torch.long

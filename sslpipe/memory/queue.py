@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,17 @@ class MomentumQueue(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("queue", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        # Moves reach the queue, casts do not: under "bf16-true"/"16-true" the model's buffers are cast,
+        # but keys compared at temperature 0.2 need fp32 (bf16 keeps ~3 significant digits).
+        queue = self._buffers.pop("queue")
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            moved = fn(queue)
+            self._buffers["queue"] = moved if moved.dtype == torch.float32 else queue.to(moved.device)
+        return out
 
     @property
     def size(self) -> int:

@@ -9,7 +9,10 @@ import torch
 
 from sslpipe.methods.base import SSLMethod, SSLOutput
 from sslpipe.methods.simclr import SimCLR
-from sslpipe.methods.masked import DenoisingAutoencoder, MaskedAutoencoder, MaskedImageModel, SimMIM
+from sslpipe.methods.dae import DenoisingAutoencoder
+from sslpipe.methods.mae import MaskedAutoencoder
+from sslpipe.methods.masked import MaskedImageModel
+from sslpipe.methods.simmim import SimMIM
 from sslpipe.methods.moco import MoCo
 from sslpipe.methods.pirl import PIRL
 
@@ -30,7 +33,10 @@ def load_method(checkpoint_path: str, random_init: bool = False, map_location: A
     if path is None:
         raise ValueError(f"{checkpoint_path!r} was not written by an sslpipe method (no 'sslpipe_method' entry)")
     module_name, cls_name = path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    # A class that has since moved to another module is still found by name in this package.
+    cls = getattr(importlib.import_module(module_name), cls_name, None) or globals().get(cls_name)
+    if cls is None:
+        raise ValueError(f"{checkpoint_path!r} holds method {path!r}, which this version of sslpipe does not have")
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = cls(**hparams)
     if not random_init:

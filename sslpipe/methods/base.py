@@ -9,6 +9,7 @@ stored in checkpoints so evaluation can rebuild any method from a checkpoint fil
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -98,11 +99,11 @@ class SSLMethod(pl.LightningModule):
         return cls.__name__.lower()
 
     # ------------------------------------------------------------------ what subclasses use
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone features ``(B, feature_dim)`` of a batch of images."""
+    def encode(self, images: torch.Tensor, backbone: Optional[nn.Module] = None) -> torch.Tensor:
+        """Features ``(B, feature_dim)`` of a batch of images from ``backbone`` (default: the trained one)."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone(images)
+        return (self.backbone if backbone is None else backbone)(images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features used by evaluation (linear probe, kNN); subclasses may choose another pooling."""
@@ -160,13 +161,26 @@ class SSLMethod(pl.LightningModule):
         if self.probe is not None:
             groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": hp.probe_lr})
         optimizer = build_optimizer(hp.optimizer, groups, lr=lr, momentum=hp.momentum, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        total = max(1, int(self.trainer.estimated_stepping_batches))  # also sets num_training_batches
+        # Steps per epoch from the loader, not total / max_epochs: max_steps may end training first.
+        batches = self.trainer.num_training_batches
+        steps_per_epoch = (math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches)
+                           else total / max(1, self.trainer.max_epochs or 1))
         warmup = int(hp.warmup_epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        """Give each rank its own random stream (masks, noise, sampled negatives).
+
+        ``seed_everything`` seeds every rank alike, so rank r would draw the same MAE mask or PIRL
+        negatives for its i-th image as every other rank, and the global batch would see W times
+        fewer distinct draws. Weights stay identical: DDP broadcasts rank 0's at start.
+        """
+        if self.trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + self.global_rank)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class so :func:`sslpipe.methods.load_method` can rebuild it from the file alone."""

@@ -3,11 +3,13 @@
 BERT's recipe for images: hide or corrupt part of the input and predict it from the rest. The
 energy is shaped by the architecture (the encoder never sees what it must predict), not by negatives.
 
-* :class:`MaskedAutoencoder` - the encoder sees only the visible patches (+ class token); a light
+The shared part, :class:`MaskedImageModel`, lives here; each variant has its own file:
+
+* :class:`~sslpipe.methods.mae.MaskedAutoencoder` - the encoder sees only the visible patches (+ class token); a light
   decoder adds mask tokens and predicts every patch; MSE on the hidden patches.
-* :class:`SimMIM` - mask tokens enter the encoder in place of hidden patches; a linear head
+* :class:`~sslpipe.methods.simmim.SimMIM` - mask tokens enter the encoder in place of hidden patches; a linear head
   predicts pixels; L1 on the hidden patches.
-* :class:`DenoisingAutoencoder` - Gaussian noise instead of masking; a linear head predicts the
+* :class:`~sslpipe.methods.dae.DenoisingAutoencoder` - Gaussian noise instead of masking; a linear head predicts the
   clean pixels of every patch; MSE.
 
 All three replace the ViT's learned position embedding by fixed 2-D sin-cos codes and evaluate
@@ -22,9 +24,7 @@ import torch
 from torch import nn
 
 from sslpipe.callbacks import ReconstructionLogger
-from sslpipe.heads import MAEDecoder
-from sslpipe.losses.reconstruction import masked_l1_loss, masked_mse_loss
-from sslpipe.masking import block_masking, gather_tokens, num_visible, patchify, random_masking, sincos_pos_embed_2d, unpatchify
+from sslpipe.masking import patchify, sincos_pos_embed_2d, unpatchify
 from sslpipe.methods.base import SSLMethod, SSLOutput
 from sslpipe.optim import OptimizerName
 
@@ -157,6 +157,7 @@ class MaskedImageModel(SSLMethod):
         PyTorch's CPU flash-attention kernel is slow for these short sequences, above all its bf16
         backward (measured: a 32-px MAE step 1.9x faster, SimMIM 1.8x). GPUs keep the fused kernel.
         """
+        super().on_fit_start()
         if self.device.type == "cpu":
             for module in self.modules():
                 if hasattr(module, "fused_attn"):
@@ -167,108 +168,3 @@ class MaskedImageModel(SSLMethod):
         if self.reconstruction_every_n_epochs <= 0:
             return []
         return [ReconstructionLogger(self.reconstruction_every_n_epochs, self.reconstruction_images)]
-
-
-class MaskedAutoencoder(MaskedImageModel):
-    """MAE: encode the visible patches only, decode all patches with a light Transformer, MSE on the hidden ones.
-
-    Args:
-        mask_ratio: share of patches hidden per image (MAE: 0.75).
-        norm_pix_loss: regress per-patch standardised pixels (MAE: better features on ImageNet).
-        decoder_dim: decoder width (MAE: 512).
-        decoder_depth: decoder blocks (MAE: 8).
-        decoder_heads: decoder attention heads (MAE: 16).
-        decoder_mlp_ratio: decoder MLP width over ``decoder_dim``.
-        **kwargs: :class:`MaskedImageModel` and :class:`SSLMethod` arguments.
-    """
-
-    def __init__(
-        self,
-        mask_ratio: float = 0.75,
-        norm_pix_loss: bool = False,
-        decoder_dim: int = 512,
-        decoder_depth: int = 8,
-        decoder_heads: int = 16,
-        decoder_mlp_ratio: float = 4.0,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        num_visible(self.num_patches, mask_ratio)  # fails early on a bad ratio
-        self.mask_ratio = mask_ratio
-        self.norm_pix_loss = norm_pix_loss
-        self.decoder = MAEDecoder(self.num_patches, self.feature_dim, self.patch_dim, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio)
-
-    def predict(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> Prediction:
-        """Encoder on the visible tokens, decoder over all positions."""
-        mask = random_masking(images.shape[0], self.num_patches, self.mask_ratio, self.device, generator)
-        tokens = self.run_encoder(gather_tokens(self.embed_patches(images), mask.ids_keep))
-        corrupted = patchify(images, self.patch_size) * (1 - mask.mask.unsqueeze(-1))
-        return Prediction(self.decoder(tokens, mask.ids_restore), corrupted, mask.mask, tokens)
-
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """MSE on the hidden patches (optionally against standardised patches)."""
-        return masked_mse_loss(pred, target, mask, norm_pix=self.norm_pix_loss)
-
-    def to_pixels(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Undo ``norm_pix_loss`` with the true patch's statistics (display only, as in MAE's demo)."""
-        if not self.norm_pix_loss:
-            return pred
-        return pred * (target.var(dim=-1, keepdim=True) + 1e-6).sqrt() + target.mean(dim=-1, keepdim=True)
-
-
-class SimMIM(MaskedImageModel):
-    """SimMIM: a learned mask token replaces hidden patches inside the encoder; linear pixel head; L1 on hidden patches.
-
-    Args:
-        mask_ratio: share of patches hidden per image (SimMIM: 0.6).
-        mask_block_size: hide square blocks of this many patches per side (SimMIM: 32-px blocks = 2 ViT-B/16
-            patches; small blocks let the model copy from neighbours).
-        **kwargs: :class:`MaskedImageModel` and :class:`SSLMethod` arguments.
-    """
-
-    def __init__(self, mask_ratio: float = 0.6, mask_block_size: int = 2, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        block_masking(1, self.grid, mask_block_size, mask_ratio)  # fails early on a bad ratio or block
-        self.mask_ratio = mask_ratio
-        self.mask_block_size = mask_block_size
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.feature_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.head = nn.Linear(self.feature_dim, self.patch_dim)
-
-    def predict(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> Prediction:
-        """Encoder over all positions, hidden ones as mask tokens; linear head per patch token."""
-        mask = block_masking(images.shape[0], self.grid, self.mask_block_size, self.mask_ratio, self.device, generator)
-        tokens = self.run_encoder(self.embed_patches(images, mask, self.mask_token))
-        corrupted = patchify(images, self.patch_size) * (1 - mask.unsqueeze(-1))
-        return Prediction(self.head(tokens[:, 1:]), corrupted, mask, tokens)
-
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """L1 on the hidden patches."""
-        return masked_l1_loss(pred, target, mask)
-
-
-class DenoisingAutoencoder(MaskedImageModel):
-    """Denoising autoencoder (Vincent et al., 2008) on a ViT: add Gaussian noise, predict every clean patch; MSE.
-
-    Args:
-        noise_std: standard deviation of the additive noise, in units of the normalised input.
-        **kwargs: :class:`MaskedImageModel` and :class:`SSLMethod` arguments.
-    """
-
-    def __init__(self, noise_std: float = 0.5, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if noise_std <= 0:
-            raise ValueError(f"noise_std must be > 0, got {noise_std}")
-        self.noise_std = noise_std
-        self.head = nn.Linear(self.feature_dim, self.patch_dim)
-
-    def predict(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> Prediction:
-        """Encoder over the noisy image; linear head per patch token; every patch is scored (mask ``None``)."""
-        noise = torch.randn(images.shape, device=images.device, generator=generator, dtype=images.dtype)
-        noisy = images + self.noise_std * noise
-        tokens = self.run_encoder(self.embed_patches(noisy))
-        return Prediction(self.head(tokens[:, 1:]), patchify(noisy, self.patch_size), None, tokens)
-
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """MSE against the clean image on all patches."""
-        return masked_mse_loss(pred, target, None)

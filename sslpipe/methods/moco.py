@@ -106,6 +106,9 @@ class MoCo(SSLMethod):
         self.key_backbone, self.key_projector = momentum_copy(self.backbone), momentum_copy(self.projector)
         # Optimiser steps already folded into the key encoder: a buffer, so resuming is exact.
         self.register_buffer("key_step", torch.zeros((), dtype=torch.long))
+        # Every rank enqueues the same gathered keys, so the queue stays identical without DDP re-sending
+        # its K x d floats from rank 0 before every forward (broadcast_buffers).
+        self._ddp_params_and_buffers_to_ignore = ["queue.queue", "queue.ptr", "key_step"]
 
     # ------------------------------------------------------------------ encoders
     def _split_bn(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -113,9 +116,7 @@ class MoCo(SSLMethod):
         return fn(x) if self.bn_splits == 1 else torch.cat([fn(c) for c in x.chunk(self.bn_splits)])
 
     def _key_fn(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.key_projector(self.key_backbone(x))
+        return self.key_projector(self.encode(x, self.key_backbone))
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -136,16 +137,21 @@ class MoCo(SSLMethod):
         if not self.hparams.key_momentum_cosine:
             return m0
         total = float(self.trainer.estimated_stepping_batches)
-        return m0 if total == float("inf") else cosine_momentum(int(self.key_step), max(1, int(total)), m0)
+        # global_step (a Python int, restored on resume) counts the optimiser steps taken before this update.
+        return m0 if total == float("inf") else cosine_momentum(self.trainer.global_step, max(1, int(total)), m0)
 
     # ------------------------------------------------------------------ training
     def ssl_step(self, views: list[torch.Tensor], indices: Optional[torch.Tensor] = None) -> SSLOutput:
         """v2: InfoNCE against the queue, then enqueue the keys; v3: symmetric loss over the global batch."""
         if len(views) < 2:
             raise ValueError(f"MoCo needs 2 views per image, the data gave {len(views)}; use data.views: SimCLRViews")
+        if views[0].shape[0] % self.bn_splits:
+            raise ValueError(f"the batch of {views[0].shape[0]} images does not split into model.bn_splits={self.bn_splits} "
+                             "equal BatchNorm groups; choose a bn_splits that divides data.batch_size")
+        # Queries, like keys, pass every BatchNorm (backbone and heads) in bn_splits groups.
+        features = self._split_bn(self.encode, views[0])
         if self.mode == "v2":
-            features = self._split_bn(self.encode, views[0])
-            q, k = self.projector(features), self.keys(views[1])
+            q, k = self._split_bn(self.projector, features), self.keys(views[1])
             # A copy: the enqueue below overwrites rows the matmul's backward still needs.
             logits = infonce_logits(q, k, self.queue.queue.clone(), self.temperature)
             # infonce_loss(q, k, queue) written on the logits, which also give the pretext accuracy.
@@ -153,26 +159,31 @@ class MoCo(SSLMethod):
             self.queue.enqueue(k)
             logs = {"pretext_top1": (logits.argmax(1) == 0).float().mean()}
         else:
-            features = self._split_bn(self.encode, views[0])
-            q1 = self.predictor(self.projector(features))
-            q2 = self.predictor(self.projector(self._split_bn(self.encode, views[1])))
+            def query(f: torch.Tensor) -> torch.Tensor:
+                return self.predictor(self.projector(f))
+
+            q1 = self._split_bn(query, features)
+            q2 = self._split_bn(lambda x: query(self.encode(x)), views[1])
             k1, k2 = self.keys(views[0]), self.keys(views[1])
             loss = moco_v3_loss(q1, k2, self.temperature) + moco_v3_loss(q2, k1, self.temperature)
             q, k, logs = q1, k2, {}
-        logs.update(contrastive_energies(q.detach(), k))
+        logs.update(contrastive_energies(q.detach(), k), key_momentum=self.current_key_momentum())
         return SSLOutput(loss=loss, features=features, logs=logs)
 
     def on_fit_start(self) -> None:
         """Reject shuffle-BN when Lightning's ``trainer.sync_batchnorm`` already synchronises the statistics."""
+        super().on_fit_start()
         if self.shuffle_bn and any(isinstance(m, nn.SyncBatchNorm) for m in self.key_backbone.modules()):
             raise ValueError("trainer.sync_batchnorm=true with model.shuffle_bn=true: use one (model.sync_bn replaces the trainer flag)")
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """EMA-update the key encoder once per optimiser step (skipped on gradient-accumulation batches)."""
-        if self.trainer.global_step <= int(self.key_step):
-            return
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimiser, then EMA-update the key encoder (once per real step, also with accumulation).
+
+        Inside the optimiser step, not in a batch-end hook: checkpoint callbacks run at batch end before
+        the module's hook, and a checkpoint taken there must already hold this step's key encoder.
+        """
+        super().optimizer_step(*args, **kwargs)
         m = self.current_key_momentum()
         ema_update_(self.key_backbone, self.backbone, m)
         ema_update_(self.key_projector, self.projector, m)
-        self.key_step.fill_(self.trainer.global_step)
-        self.log("train/key_momentum", m, batch_size=batch[1].shape[0])
+        self.key_step += 1

@@ -82,7 +82,6 @@ class PIRL(SSLMethod):
     @property
     def num_negatives_used(self) -> int:
         """``|D_N|``: the configured count capped at the bank's other slots."""
-        assert self.memory is not None
         return min(self.hparams.num_negatives, self.memory.size - 1)
 
     def setup(self, stage: str) -> None:
@@ -106,7 +105,6 @@ class PIRL(SSLMethod):
         """Z is estimated once, from the first batch, averaged over ranks so every rank uses the same Z."""
         if not self._z_ready:
             if torch.isnan(self.nce_log_z):
-                assert self.memory is not None
                 local = estimate_nce_log_z(queries, negatives, self.memory.size, self.criterion.temperature, mask)
                 per_rank = gather_no_grad(local.reshape(1))
                 self.nce_log_z.copy_(torch.logsumexp(per_rank, 0) - math.log(per_rank.numel()))
