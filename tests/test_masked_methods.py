@@ -114,6 +114,19 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cls, kwargs):
     assert eval_loss() < 0.85 * before
 
 
+def test_simmim_probe_features_average_only_the_visible_patch_tokens():
+    model = SimMIM(pool="mean", mask_block_size=1, **VIT)
+    images = torch.randn(3, 3, 16, 16)
+    torch.manual_seed(5)
+    features = model.ssl_step([images], None).features
+    torch.manual_seed(5)  # the same mask again: predict() is the step's first random draw
+    _, _, mask, tokens = model.predict(images)
+    for b in range(3):
+        visible = tokens[b, 1:][mask[b] == 0]
+        assert 0 < len(visible) < 16
+        torch.testing.assert_close(features[b], visible.mean(dim=0))
+
+
 TINY_VIT = ["--model.init_args.backbone_kwargs", "{patch_size: 4, depth: 1, embed_dim: 48, num_heads: 3}",
             "--data.image_size", "16", "--model.init_args.reconstruction_images", "4"]
 

@@ -110,9 +110,20 @@ class MaskedImageModel(SSLMethod):
         x = vit.norm_pre(torch.cat([cls, patch_tokens], dim=1))
         return vit.norm(vit.blocks(x))
 
-    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The class token or the mean of the patch tokens, per ``pool``."""
-        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
+    def pooled(self, tokens: torch.Tensor, hidden: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The class token or the mean of the patch tokens, per ``pool``.
+
+        ``hidden`` ``(B, N)`` (1 = masked) leaves the mask-token positions out of the mean: during SimMIM
+        training the online probe then sees the visible patches' tokens, closer to the unmasked
+        features it is evaluated on.
+        """
+        if self.pool == "cls":
+            return tokens[:, 0]
+        patches = tokens[:, 1:]
+        if hidden is None:
+            return patches.mean(dim=1)
+        visible = (1 - hidden.to(patches.dtype)).unsqueeze(-1)
+        return (patches * visible).sum(dim=1) / visible.sum(dim=1).clamp_min(1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Evaluation features of full, unmasked images."""
@@ -132,7 +143,9 @@ class MaskedImageModel(SSLMethod):
         images = views[0]
         pred, _, mask, tokens = self.predict(images)
         loss = self.loss(pred, patchify(images, self.patch_size), mask)
-        return SSLOutput(loss=loss, features=self.pooled(tokens))
+        # MAE's encoder saw only the visible patches; SimMIM's saw mask tokens in the hidden ones too.
+        hidden = mask if mask is not None and tokens.shape[1] == 1 + self.num_patches else None
+        return SSLOutput(loss=loss, features=self.pooled(tokens, hidden))
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
