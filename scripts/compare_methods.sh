@@ -4,21 +4,12 @@
 # one table. Usage: scripts/compare_methods.sh [METHOD ...]   (default: all; e.g. `moco_v2 pirl`).
 # Extra pretraining flags go in SSLPIPE_PRETRAIN_ARGS (e.g. "--trainer.max_epochs 5" for a quick look).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 start=$SECONDS
-./scripts/setup_env.sh
-export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
+source "$(dirname "$0")/common.sh"
 root=${SSLPIPE_COMPARE_ROOT:-runs/compare}
-sslpipe=.venv/bin/sslpipe
 methods=("$@")
 [ ${#methods[@]} -gt 0 ] || methods=(simclr moco_v2 moco_v3 pirl mae simmim dae)
 read -r -a extra <<< "${SSLPIPE_PRETRAIN_ARGS:-}"
-
-last_line() {  # run a command, show its output, return its last line (the run directory)
-  local log; log=$(mktemp)
-  "$@" | tee -a "$log" >&2 || { rm -f "$log"; return 1; }
-  tail -n 1 "$log"; rm -f "$log"
-}
 
 runs=()
 for m in "${methods[@]}"; do

@@ -3,20 +3,9 @@
 # backbone and the same backbone at random init with a linear probe and kNN, and print the table.
 # Sets up ./.venv on first use. Extra arguments go to `sslpipe pretrain` (e.g. --trainer.max_epochs 5).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 start=$SECONDS
-./scripts/setup_env.sh
-export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true
+source "$(dirname "$0")/common.sh"
 root=${SSLPIPE_DEMO_ROOT:-runs/demo}
-sslpipe=.venv/bin/sslpipe
-
-# Each command prints its run directory as its last line; the rest of its output is shown as it runs.
-# (tee writes to the inherited stderr descriptor: `tee /dev/stderr` would re-open, and truncate, a log file.)
-last_line() {
-  local log; log=$(mktemp)
-  "$@" | tee -a "$log" >&2 || { rm -f "$log"; return 1; }
-  tail -n 1 "$log"; rm -f "$log"
-}
 
 echo "== pretraining SimCLR on digits (configs/simclr/digits.yaml) =="
 pre=$(last_line $sslpipe pretrain --config configs/simclr/digits.yaml --trainer.default_root_dir "$root" "$@")
