@@ -1,4 +1,5 @@
 # Sourced by demo.sh and compare_methods.sh: set up ./.venv, W&B offline, and the run-directory helper.
+set -euo pipefail  # last_line relies on pipefail: a failing command must not hide behind tee's success
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ./scripts/setup_env.sh
 export WANDB_MODE=${WANDB_MODE:-offline} WANDB_SILENT=true

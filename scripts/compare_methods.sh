@@ -2,7 +2,7 @@
 # Every method on the embedded digits data at the demo's budget: pretrain with configs/<method>/digits.yaml,
 # then linear probe and kNN on the trained backbone and on the same architecture at random init, and print
 # one table. Usage: scripts/compare_methods.sh [METHOD ...]   (default: all; e.g. `moco_v2 pirl`).
-# Extra pretraining flags go in SSLPIPE_PRETRAIN_ARGS (e.g. "--trainer.max_epochs 5" for a quick look).
+# Extra pretraining flags go in SSLPIPE_PRETRAIN_ARGS, split on spaces (e.g. "--trainer.max_epochs 5").
 set -euo pipefail
 start=$SECONDS
 source "$(dirname "$0")/common.sh"
@@ -17,7 +17,7 @@ for m in "${methods[@]}"; do
   [ -f "$cfg" ] || { echo "no config $cfg: methods are the folders under configs/" >&2; exit 2; }
   echo "== $m: pretraining ($cfg) =="
   t0=$SECONDS
-  pre=$(last_line $sslpipe pretrain --config "$cfg" --trainer.default_root_dir "$root" --run.name "$m" "${extra[@]}")
+  pre=$(last_line $sslpipe pretrain --config "$cfg" --trainer.default_root_dir "$root" ${extra[@]+"${extra[@]}"})
   echo "$m: pretraining took $((SECONDS - t0)) s" >&2
   runs+=("$pre")
   for init in false true; do

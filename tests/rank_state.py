@@ -16,10 +16,12 @@ class DumpRankState(pl.Callback):
 
     NAMES = ("queue.queue", "queue.ptr", "key_step", "memory.bank", "nce_log_z")
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.seed = torch.initial_seed()  # the rank's random stream, for masks, noise and sampled negatives
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if batch_idx == 0:  # after the module's on_train_start has derived the rank's random stream
+            self.seed = torch.initial_seed()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if k in self.NAMES}
         state["seed"] = self.seed
+        state["ddp_ignored"] = sorted(getattr(trainer.strategy.model, "parameters_to_ignore", ()))
         torch.save(state, os.path.join(trainer.default_root_dir, f"state_rank{trainer.global_rank}.pt"))

@@ -39,16 +39,16 @@ def test_hidden_pixels_never_reach_the_prediction(cls, kwargs):
     torch.manual_seed(0)
     model = cls(**kwargs, **VIT).eval()
     images = _images()
-    pred, _, mask, _ = model.predict(images, _gen())
+    pred, _, mask = model.predict(images, _gen())[:3]
     patches = patchify(images, 4)
     noise = torch.randn(patches.shape, generator=_gen(5)) * 10
     hidden_changed = unpatchify(torch.where(mask.bool().unsqueeze(-1), noise, patches), 4)
-    pred_hidden, _, mask2, _ = model.predict(hidden_changed, _gen())
+    pred_hidden, _, mask2 = model.predict(hidden_changed, _gen())[:3]
     assert torch.equal(mask, mask2)
     assert torch.allclose(pred, pred_hidden, atol=1e-5)
     # the same change on the visible patches does change the prediction (the check above can fail)
     visible_changed = unpatchify(torch.where(mask.bool().unsqueeze(-1), patches, noise), 4)
-    pred_visible, _, _, _ = model.predict(visible_changed, _gen())
+    pred_visible = model.predict(visible_changed, _gen()).patches
     assert not torch.allclose(pred, pred_visible, atol=1e-3)
 
 
@@ -84,7 +84,7 @@ def test_mae_reconstruction_keeps_visible_patches_and_blanks_hidden_ones():
 def test_dae_corrupts_with_gaussian_noise_and_scores_every_patch():
     model = DenoisingAutoencoder(noise_std=0.3, **VIT)
     images = _images()
-    pred, corrupted, mask, _ = model.predict(images, _gen(4))
+    pred, corrupted, mask = model.predict(images, _gen(4))[:3]
     expected_noisy = images + 0.3 * torch.randn(images.shape, generator=_gen(4))
     assert mask is None and torch.allclose(corrupted, patchify(expected_noisy, 4))
     assert model.loss(pred, patchify(images, 4), mask).item() == pytest.approx(((pred - patchify(images, 4)) ** 2).mean().item(), rel=1e-5)
@@ -102,7 +102,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cls, kwargs):
 
     def eval_loss():
         with torch.no_grad():
-            pred, _, mask, _ = model.predict(images, _gen(9))
+            pred, _, mask = model.predict(images, _gen(9))[:3]
             return model.loss(pred, target, mask).item()
 
     before = eval_loss()
@@ -120,7 +120,8 @@ def test_simmim_probe_features_average_only_the_visible_patch_tokens():
     torch.manual_seed(5)
     features = model.ssl_step([images], None).features
     torch.manual_seed(5)  # the same mask again: predict() is the step's first random draw
-    _, _, mask, tokens = model.predict(images)
+    out = model.predict(images)
+    mask, tokens = out.mask, out.tokens
     for b in range(3):
         visible = tokens[b, 1:][mask[b] == 0]
         assert 0 < len(visible) < 16

@@ -181,7 +181,8 @@ def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path
     class RecordStepsAtBatchEnd(pl.Callback):
         """What a step-wise checkpoint callback (run before the module's own batch-end hook) would save."""
 
-        steps: list = []
+        def __init__(self):
+            self.steps = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             self.steps.append((trainer.global_step, int(pl_module.key_step)))
@@ -228,3 +229,17 @@ def test_pretrain_then_knn_end_to_end(config, runs_dir):
                            "--data.eval_batch_size", "256"])
     eval_metrics = read_metrics(eval_dir)
     assert 0 <= eval_metrics["knn_top1"] <= 100 and eval_metrics["method"] == f"moco_{mode}"
+
+
+def test_key_encoder_moves_once_per_optimiser_step_with_gradient_accumulation():
+    import pytorch_lightning as pl
+
+    from sslpipe.data import SSLDataModule
+
+    torch.manual_seed(0)
+    model = _moco(mode="v2", queue_size=50, key_momentum=0.9, key_momentum_cosine=True)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, SSLDataModule("digits", image_size=16, batch_size=8, num_workers=0))
+    assert trainer.global_step == 2 and int(model.key_step) == 2  # 4 batches, 2 optimiser steps, 2 EMA updates
+    assert int(model.queue.ptr) == 4 * 8  # every batch still enqueues its keys

@@ -147,7 +147,8 @@ def test_warmup_counts_epochs_in_loader_steps_when_max_steps_ends_training():
     from sslpipe.methods import SimCLR
 
     class RecordLR(pl.Callback):
-        lrs: list = []
+        def __init__(self):
+            self.lrs = []
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
@@ -166,3 +167,16 @@ def test_warmup_counts_epochs_in_loader_steps_when_max_steps_ends_training():
     expected = [peak * (s + 1) / warmup if s < warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
                 for s in range(total)]
     assert recorder.lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_endless_run_is_rejected_with_the_fix():
+    import pytorch_lightning as pl
+
+    from sslpipe.data import SSLDataModule
+    from sslpipe.methods import SimCLR
+
+    model = SimCLR(backbone="resnet18", image_size=16, proj_hidden_dim=16, proj_output_dim=8, online_probe=False)
+    trainer = pl.Trainer(max_epochs=-1, max_steps=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ValueError, match="trainer.max_epochs or trainer.max_steps"):
+        trainer.fit(model, SSLDataModule("fake", image_size=16, batch_size=8, num_workers=0))

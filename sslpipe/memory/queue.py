@@ -41,9 +41,11 @@ class MomentumQueue(nn.Module):
         queue = self._buffers.pop("queue")
         try:
             out = super()._apply(fn, recurse)
-        finally:
-            moved = fn(queue)
-            self._buffers["queue"] = moved if moved.dtype == torch.float32 else queue.to(moved.device)
+        except BaseException:
+            self._buffers["queue"] = queue
+            raise
+        moved = fn(queue)
+        self._buffers["queue"] = moved if moved.dtype == torch.float32 else queue.to(moved.device)
         return out
 
     @property

@@ -33,10 +33,12 @@ def load_method(checkpoint_path: str, random_init: bool = False, map_location: A
     if path is None:
         raise ValueError(f"{checkpoint_path!r} was not written by an sslpipe method (no 'sslpipe_method' entry)")
     module_name, cls_name = path.rsplit(".", 1)
-    # A class that has since moved to another module is still found by name in this package.
-    cls = getattr(importlib.import_module(module_name), cls_name, None) or globals().get(cls_name)
-    if cls is None:
-        raise ValueError(f"{checkpoint_path!r} holds method {path!r}, which this version of sslpipe does not have")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        raise ValueError(f"{checkpoint_path!r} holds method {path!r}, which this version of sslpipe does not have") from None
+    if not (isinstance(cls, type) and issubclass(cls, SSLMethod)):
+        raise ValueError(f"{checkpoint_path!r} names {path!r}, which is not an SSLMethod")
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     model = cls(**hparams)
     if not random_init:

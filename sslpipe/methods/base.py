@@ -10,6 +10,7 @@ stored in checkpoints so evaluation can rebuild any method from a checkpoint fil
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -161,8 +162,13 @@ class SSLMethod(pl.LightningModule):
         if self.probe is not None:
             groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": hp.probe_lr})
         optimizer = build_optimizer(hp.optimizer, groups, lr=lr, momentum=hp.momentum, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))  # also sets num_training_batches
+        estimated = self.trainer.estimated_stepping_batches
+        if not math.isfinite(estimated):
+            raise ValueError("the warm-up + cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+        total = max(1, int(estimated))
         # Steps per epoch from the loader, not total / max_epochs: max_steps may end training first.
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
         steps_per_epoch = (math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches)
                            else total / max(1, self.trainer.max_epochs or 1))
@@ -172,15 +178,19 @@ class SSLMethod(pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_fit_start(self) -> None:
-        """Give each rank its own random stream (masks, noise, sampled negatives).
+    def on_train_start(self) -> None:
+        """Give each rank, and each resumed run, its own random stream (masks, noise, sampled negatives).
 
         ``seed_everything`` seeds every rank alike, so rank r would draw the same MAE mask or PIRL
-        negatives for its i-th image as every other rank, and the global batch would see W times
-        fewer distinct draws. Weights stay identical: DDP broadcasts rank 0's at start.
+        negatives for its i-th image as every other rank, and the global batch would see W times fewer
+        distinct draws; a resumed run would replay the first run's draws. The stream is re-derived from
+        the global seed, the rank and the step (here, after Lightning has restored ``global_step``).
+        A fresh single-process run keeps the global seed. Weights stay identical: DDP broadcasts rank 0's.
         """
-        if self.trainer.world_size > 1:
-            torch.manual_seed(torch.initial_seed() + self.global_rank)
+        base = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything; unseeded ranks already differ
+        rank, step = self.global_rank, self.trainer.global_step
+        if base is not None and (rank or step):
+            torch.manual_seed((int(base) + 1_000_003 * rank + 7_919 * step) % 2**63)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class so :func:`sslpipe.methods.load_method` can rebuild it from the file alone."""

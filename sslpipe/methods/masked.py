@@ -36,13 +36,16 @@ class Prediction(NamedTuple):
         patches: ``(B, L, p*p*3)`` predicted pixels of every patch, in patch order.
         corrupted: ``(B, L, p*p*3)`` what the model was shown (hidden patches zeroed), for display.
         mask: ``(B, L)`` 1 on the patches the loss scores; ``None`` scores all (denoising).
-        tokens: ``(B, 1 + N, D)`` encoder output (class token first) the online probe pools.
+        tokens: ``(B, 1 + T, D)`` encoder output (class token first) the online probe pools.
+        mask_token_positions: ``(B, T)`` 1 where ``tokens[:, 1:]`` holds a mask token (SimMIM), so the
+            probe's mean leaves them out; ``None`` when every token comes from a real patch.
     """
 
     patches: torch.Tensor
     corrupted: torch.Tensor
     mask: Optional[torch.Tensor]
     tokens: torch.Tensor
+    mask_token_positions: Optional[torch.Tensor] = None
 
 
 class MaskedImageModel(SSLMethod):
@@ -141,11 +144,9 @@ class MaskedImageModel(SSLMethod):
     def ssl_step(self, views: list[torch.Tensor], indices: Optional[torch.Tensor] = None) -> SSLOutput:
         """Reconstruction loss of one view; the probe gets the pooled tokens the encoder produced anyway (detached)."""
         images = views[0]
-        pred, _, mask, tokens = self.predict(images)
-        loss = self.loss(pred, patchify(images, self.patch_size), mask)
-        # MAE's encoder saw only the visible patches; SimMIM's saw mask tokens in the hidden ones too.
-        hidden = mask if mask is not None and tokens.shape[1] == 1 + self.num_patches else None
-        return SSLOutput(loss=loss, features=self.pooled(tokens, hidden))
+        out = self.predict(images)
+        loss = self.loss(out.patches, patchify(images, self.patch_size), out.mask)
+        return SSLOutput(loss=loss, features=self.pooled(out.tokens, out.mask_token_positions))
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +154,7 @@ class MaskedImageModel(SSLMethod):
 
         Visible patches of masked models are pasted from the input (only hidden ones are trained).
         """
-        pred, corrupted, mask, _ = self.predict(images, generator)
+        pred, corrupted, mask = self.predict(images, generator)[:3]
         target = patchify(images, self.patch_size)
         pred = self.to_pixels(pred.float(), target)
         if mask is not None:
@@ -170,7 +171,6 @@ class MaskedImageModel(SSLMethod):
         PyTorch's CPU flash-attention kernel is slow for these short sequences, above all its bf16
         backward (measured: a 32-px MAE step 1.9x faster, SimMIM 1.8x). GPUs keep the fused kernel.
         """
-        super().on_fit_start()
         if self.device.type == "cpu":
             for module in self.modules():
                 if hasattr(module, "fused_attn"):

@@ -104,7 +104,8 @@ class MoCo(SSLMethod):
             if self.predictor is not None:
                 self.predictor = nn.SyncBatchNorm.convert_sync_batchnorm(self.predictor)
         self.key_backbone, self.key_projector = momentum_copy(self.backbone), momentum_copy(self.projector)
-        # Optimiser steps already folded into the key encoder: a buffer, so resuming is exact.
+        # Optimiser steps folded into the key encoder so far (a checkpointed record; the momentum schedule
+        # follows trainer.global_step).
         self.register_buffer("key_step", torch.zeros((), dtype=torch.long))
         # Every rank enqueues the same gathered keys, so the queue stays identical without DDP re-sending
         # its K x d floats from rank 0 before every forward (broadcast_buffers).
@@ -134,7 +135,7 @@ class MoCo(SSLMethod):
     def current_key_momentum(self) -> float:
         """m for the next EMA update: constant, or the cosine schedule over ``trainer.estimated_stepping_batches``."""
         m0 = float(self.hparams.key_momentum)
-        if not self.hparams.key_momentum_cosine:
+        if not self.hparams.key_momentum_cosine or self._trainer is None:  # no trainer: no schedule to follow
             return m0
         total = float(self.trainer.estimated_stepping_batches)
         # global_step (a Python int, restored on resume) counts the optimiser steps taken before this update.
@@ -172,7 +173,6 @@ class MoCo(SSLMethod):
 
     def on_fit_start(self) -> None:
         """Reject shuffle-BN when Lightning's ``trainer.sync_batchnorm`` already synchronises the statistics."""
-        super().on_fit_start()
         if self.shuffle_bn and any(isinstance(m, nn.SyncBatchNorm) for m in self.key_backbone.modules()):
             raise ValueError("trainer.sync_batchnorm=true with model.shuffle_bn=true: use one (model.sync_bn replaces the trainer flag)")
 
@@ -181,6 +181,9 @@ class MoCo(SSLMethod):
 
         Inside the optimiser step, not in a batch-end hook: checkpoint callbacks run at batch end before
         the module's hook, and a checkpoint taken there must already hold this step's key encoder.
+        Caveats: with ``16-mixed`` a step that the gradient scaler skips still moves the key encoder
+        (towards unchanged weights), and strategies that accumulate gradients themselves (DeepSpeed)
+        call this hook per micro-batch.
         """
         super().optimizer_step(*args, **kwargs)
         m = self.current_key_momentum()

@@ -36,7 +36,7 @@ class SimMIM(MaskedImageModel):
         mask = block_masking(images.shape[0], self.grid, self.mask_block_size, self.mask_ratio, self.device, generator)
         tokens = self.run_encoder(self.embed_patches(images, mask, self.mask_token))
         corrupted = patchify(images, self.patch_size) * (1 - mask.unsqueeze(-1))
-        return Prediction(self.head(tokens[:, 1:]), corrupted, mask, tokens)
+        return Prediction(self.head(tokens[:, 1:]), corrupted, mask, tokens, mask_token_positions=mask)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """L1 on the hidden patches."""
