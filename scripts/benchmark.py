@@ -36,20 +36,27 @@ def _timeit(fn, warmup: int, iters: int, sync) -> float:
 def bench_step(args, device, sync) -> None:
     from sslpipe.methods import SimCLR
 
-    print(f"\n### SimCLR training step: {args.backbone} (cifar_stem={args.cifar_stem}), {args.image_size} px, "
-          f"batch {args.batch} x 2 views, {device}, {torch.get_num_threads()} threads\n")
+    print(
+        f"\n### SimCLR training step: {args.backbone} (cifar_stem={args.cifar_stem}), {args.image_size} px, "
+        f"batch {args.batch} x 2 views, {device}, {torch.get_num_threads()} threads\n"
+    )
     print("| precision | memory format | images/s | vs fp32 NCHW |\n|---|---|---|---|")
     base = None
     for precision in ("fp32", "bf16"):
         for channels_last in (False, True):
             torch.manual_seed(0)
-            model = SimCLR(backbone=args.backbone, cifar_stem=args.cifar_stem, image_size=args.image_size,
-                           channels_last=channels_last, proj_hidden_dim=512).to(device)
+            model = SimCLR(
+                backbone=args.backbone,
+                cifar_stem=args.cifar_stem,
+                image_size=args.image_size,
+                channels_last=channels_last,
+                proj_hidden_dim=512,
+            ).to(device)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             views = [torch.randn(args.batch, 3, args.image_size, args.image_size, device=device) for _ in range(2)]
             ctx = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
-            def step():
+            def step(model=model, opt=opt, views=views, ctx=ctx):
                 with ctx:
                     loss = model.ssl_step(views, None).loss
                 opt.zero_grad(set_to_none=True)
@@ -94,8 +101,12 @@ def bench_loss(args, device, sync) -> None:
     from sslpipe.losses import nt_xent_loss
 
     print(f"\n### NT-Xent forward + backward, d=128, {device}\n")
-    print("sslpipe sets the diagonal of the full logit matrix to -inf (no gathered copy of the negatives); 'gathered' is the\n"
-          "vectorised form common in public SimCLR code; 'loop' is one cross entropy per anchor (skipped above N=256).\n")
+    print(
+        "sslpipe sets the diagonal of the full logit matrix to -inf (no gathered copy of the negatives);\n"
+        "'gathered' is the "
+        "vectorised form common in public SimCLR code;\n"
+        "'loop' is one cross entropy per anchor (skipped above N=256).\n"
+    )
     print("| batch N | sslpipe ms | gathered ms | gathered / sslpipe | loop ms | loop / sslpipe | max abs diff |")
     print("|---|---|---|---|---|---|---|")
     for n in (64, 256, 1024, 4096):
@@ -109,10 +120,13 @@ def bench_loss(args, device, sync) -> None:
         for name, fn in runs.items():
             diff = max(diff, (fn(z1, z2, 0.1) - ref).abs().item())
             iters = args.iters if name != "loop" else max(1, args.iters // 3)
-            times[name] = _timeit(lambda fn=fn: fn(z1, z2, 0.1).backward(), 1, iters, sync)
+            times[name] = _timeit(lambda fn=fn, z1=z1, z2=z2: fn(z1, z2, 0.1).backward(), 1, iters, sync)
         a = times["sslpipe"]
         loop = f"{times['loop'] * 1e3:,.1f} | {times['loop'] / a:,.0f}x" if "loop" in times else "- | -"
-        print(f"| {n} | {a * 1e3:.2f} | {times['gathered'] * 1e3:.2f} | {times['gathered'] / a:.2f}x | {loop} | {diff:.1e} |")
+        print(
+            f"| {n} | {a * 1e3:.2f} | {times['gathered'] * 1e3:.2f} | "
+            f"{times['gathered'] / a:.2f}x | {loop} | {diff:.1e} |"
+        )
 
 
 def bench_augment(args) -> None:
@@ -122,14 +136,21 @@ def bench_augment(args) -> None:
     from sslpipe.augment import SimCLRViews
 
     torch.set_num_threads(1)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8))
+    image = Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8)
+    )
     print(f"\n### Augmentation: 2 SimCLR views of a {args.image_size}-px image, one core\n")
     print("| recipe | images/s | views/s |\n|---|---|---|")
-    for name, kwargs in [("SimCLR ImageNet defaults (jitter, grey, blur)", {}),
-                         ("no blur (CIFAR recipe)", {"blur_p": 0.0}),
-                         ("digits demo (crop + brightness/contrast)", {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "hflip_p": 0.0})]:
+    for name, kwargs in [
+        ("SimCLR ImageNet defaults (jitter, grey, blur)", {}),
+        ("no blur (CIFAR recipe)", {"blur_p": 0.0}),
+        (
+            "digits demo (crop + brightness/contrast)",
+            {"saturation": 0.0, "hue": 0.0, "grayscale_p": 0.0, "blur_p": 0.0, "hflip_p": 0.0},
+        ),
+    ]:
         transform = SimCLRViews(**kwargs).build(args.image_size, (0.5,) * 3, (0.25,) * 3)
-        sec = _timeit(lambda: transform(image), 20, 300, lambda: None)
+        sec = _timeit(lambda transform=transform: transform(image), 20, 300, lambda: None)
         print(f"| {name} | {1 / sec:,.0f} | {2 / sec:,.0f} |")
 
 

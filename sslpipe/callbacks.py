@@ -47,7 +47,9 @@ class RunSummary(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._steps += 1
         if self._steps == self.skip_steps:
             self._t0 = time.perf_counter()
@@ -141,7 +143,7 @@ class ReconstructionLogger(pl.Callback):
         self.write(trainer, pl_module, images, f"epoch_{trainer.current_epoch:03d}")
 
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, images: torch.Tensor, name: str) -> str:
-        """Reconstruct ``images``, save the grid PNG as ``<run dir>/reconstructions/<name>.png``, log it; return the path."""
+        """Reconstruct ``images``, save the grid as ``<run dir>/reconstructions/<name>.png`` and log it."""
         import torchvision.utils as vutils
         from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 USAGE = """usage: sslpipe {pretrain,linear,knn,kmeans,report} [options]
@@ -50,14 +50,20 @@ def _pretrain_cli_class():
             module, _, name = cfg.model.class_path.rpartition(".")
             init_args = cfg.model.init_args.as_dict() if cfg.model.get("init_args") else {}
             self.method_name = getattr(importlib.import_module(module), name).method_label(init_args)
-            self.run_dir = make_run_dir(cfg.trainer.default_root_dir, ["pretrain", self.method_name, cfg.data.dataset], cfg.run.name)
+            self.run_dir = make_run_dir(
+                cfg.trainer.default_root_dir, ["pretrain", self.method_name, cfg.data.dataset], cfg.run.name
+            )
             cfg.trainer.default_root_dir = self.run_dir
 
         def instantiate_trainer(self, **kwargs: Any):
             cfg, init = self.config, self.config_init
             run_name = os.path.basename(self.run_dir)
             user_logger = init.trainer.get("logger")
-            logger = user_logger if user_logger not in (None, True) else build_loggers(self.run_dir, RunOptions(**cfg.run.as_dict()), run_name)
+            logger = (
+                user_logger
+                if user_logger not in (None, True)
+                else build_loggers(self.run_dir, RunOptions(**cfg.run.as_dict()), run_name)
+            )
             monitor = "val/online_linear_top1" if getattr(self.model, "probe", None) is not None else None
             checkpoint = ModelCheckpoint(
                 dirpath=os.path.join(self.run_dir, "checkpoints"),
@@ -141,13 +147,24 @@ def _eval_parser(command: str):
     from sslpipe.runs import RunOptions
 
     parser = ArgumentParser(prog=f"sslpipe {command}", description=f"{command} evaluation of a pretrained backbone.")
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML with data/trainer/linear/knn keys; pretraining YAMLs work.")
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="A YAML with data/trainer/linear/knn keys; pretraining YAMLs work."
+    )
     parser.add_argument("--checkpoint", type=str, required=True, help="Checkpoint written by `sslpipe pretrain`.")
-    parser.add_argument("--random_init", type=bool, default=False, help="Evaluate the checkpoint's architecture at random init.")
-    parser.add_argument("--feature_cache", type=Optional[str], default=None, help="Feature cache folder (default: next to the checkpoint; 'none' disables).")
+    parser.add_argument(
+        "--random_init", type=bool, default=False, help="Evaluate the checkpoint's architecture at random init."
+    )
+    parser.add_argument(
+        "--feature_cache",
+        type=Optional[str],
+        default=None,
+        help="Feature cache folder (default: next to the checkpoint; 'none' disables).",
+    )
     parser.add_argument("--seed_everything", type=Union[bool, int], default=0)
     # Accepted so a pretraining YAML can be passed as --config; the model comes from the checkpoint.
-    parser.add_argument("--model", type=Optional[dict], default=None, help="Ignored (the checkpoint defines the model).")
+    parser.add_argument(
+        "--model", type=Optional[dict], default=None, help="Ignored (the checkpoint defines the model)."
+    )
     parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Ignored.")
     parser.add_class_arguments(RunOptions, "run")
     parser.add_class_arguments(SSLDataModule, "data", fail_untyped=False)
@@ -207,43 +224,92 @@ def evaluate(command: str, argv: Sequence[str]) -> str:
 
     def features(split: str):
         key = cache_key(
-            checkpoint=os.path.abspath(cfg.checkpoint), mtime=stat.st_mtime_ns, size=stat.st_size, random_init=cfg.random_init,
-            seed=seed, split=split, dataset=data.dataset, root=os.path.abspath(data.root), image_size=data.image_size,
+            checkpoint=os.path.abspath(cfg.checkpoint),
+            mtime=stat.st_mtime_ns,
+            size=stat.st_size,
+            random_init=cfg.random_init,
+            seed=seed,
+            split=split,
+            dataset=data.dataset,
+            root=os.path.abspath(data.root),
+            image_size=data.image_size,
             precision=precision,
         )
         return cached_features(
-            cache_dir, key, lambda: extract_features(model, data.eval_dataloader(split), device, precision, desc=f"{split} features")
+            cache_dir,
+            key,
+            lambda: extract_features(model, data.eval_dataloader(split), device, precision, desc=f"{split} features"),
         )
 
     xva, yva = features("val")
     if command in ("linear", "knn"):  # k-means clusters the val split alone
         xtr, ytr = features("train")
-    metrics: dict[str, Any] = {"method": method, "dataset": data.dataset, "checkpoint": os.path.abspath(cfg.checkpoint),
-                               "random_init": cfg.random_init, "feature_dim": int(xva.shape[1])}
+    metrics: dict[str, Any] = {
+        "method": method,
+        "dataset": data.dataset,
+        "checkpoint": os.path.abspath(cfg.checkpoint),
+        "random_init": cfg.random_init,
+        "feature_dim": int(xva.shape[1]),
+    }
     if command == "linear":
         opts = cfg.linear
         result = train_linear_probe(
-            xtr, ytr, xva, yva, data.num_classes, lrs=opts.lrs, weight_decays=opts.weight_decays, epochs=opts.epochs,
-            batch_size=opts.batch_size, holdout_fraction=opts.holdout_fraction, seed=seed, device=device,
+            xtr,
+            ytr,
+            xva,
+            yva,
+            data.num_classes,
+            lrs=opts.lrs,
+            weight_decays=opts.weight_decays,
+            epochs=opts.epochs,
+            batch_size=opts.batch_size,
+            holdout_fraction=opts.holdout_fraction,
+            seed=seed,
+            device=device,
         )
-        metrics.update(linear_top1=result.top1, linear_top5=result.top5, linear_lr=result.lr,
-                       linear_weight_decay=result.weight_decay, linear_sweep=result.sweep)
-        print(f"linear probe: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  (lr {result.lr}, wd {result.weight_decay})")
+        metrics.update(
+            linear_top1=result.top1,
+            linear_top5=result.top5,
+            linear_lr=result.lr,
+            linear_weight_decay=result.weight_decay,
+            linear_sweep=result.sweep,
+        )
+        print(
+            f"linear probe: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
+            f"(lr {result.lr}, wd {result.weight_decay})"
+        )
     elif command == "kmeans":
         k = cfg.kmeans.num_clusters or data.num_classes
         metrics.update(clustering_scores(xva, yva, k, seed=seed), kmeans_clusters=k)
-        print(f"k-means (k={k}) on val: NMI {metrics['kmeans_nmi']:.2f}  ARI {metrics['kmeans_ari']:.2f}  "
-              f"accuracy {metrics['kmeans_accuracy']:.2f}%")
+        print(
+            f"k-means (k={k}) on val: NMI {metrics['kmeans_nmi']:.2f}  ARI {metrics['kmeans_ari']:.2f}  "
+            f"accuracy {metrics['kmeans_accuracy']:.2f}%"
+        )
     else:
         metrics.update(knn_classify(xtr, ytr, xva, yva, data.num_classes, k=cfg.knn.k, temperature=cfg.knn.temperature))
         metrics.update(knn_k=cfg.knn.k, knn_temperature=cfg.knn.temperature)
-        print(f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}): top-1 {metrics['knn_top1']:.2f}%  top-5 {metrics['knn_top5']:.2f}%")
+        print(
+            f"kNN (k={cfg.knn.k}, T={cfg.knn.temperature}): "
+            f"top-1 {metrics['knn_top1']:.2f}%  top-5 {metrics['knn_top5']:.2f}%"
+        )
     write_metrics(run_dir, metrics)
     return run_dir
 
 
 # ============================================================================ report
-REPORT_COLUMNS = ["method", "dataset", "epochs", "train_images_per_second", "online_linear_top1", "linear_top1", "linear_top5", "knn_top1", "knn_top5", "kmeans_nmi", "kmeans_accuracy"]
+REPORT_COLUMNS = [
+    "method",
+    "dataset",
+    "epochs",
+    "train_images_per_second",
+    "online_linear_top1",
+    "linear_top1",
+    "linear_top5",
+    "knn_top1",
+    "knn_top5",
+    "kmeans_nmi",
+    "kmeans_accuracy",
+]
 
 
 def report(argv: Sequence[str]) -> str:

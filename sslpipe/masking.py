@@ -26,7 +26,9 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, (h // p) * (w // p), p * p * c)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3, grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, channels: int = 3, grid: Optional[tuple[int, int]] = None
+) -> torch.Tensor:
     """Inverse of :func:`patchify`: ``(B, L, p*p*C)`` back to ``(B, C, H, W)``.
 
     ``grid`` is ``(rows, columns)`` of patches; ``None`` assumes a square grid.
@@ -150,6 +152,8 @@ def sincos_pos_embed_2d(embed_dim: int, grid: tuple[int, int] | int, num_prefix_
         raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {embed_dim}")
     rows, cols = (grid, grid) if isinstance(grid, int) else grid
     r, c = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")
-    emb = torch.cat([sincos_pos_embed_1d(embed_dim // 2, r.flatten()), sincos_pos_embed_1d(embed_dim // 2, c.flatten())], dim=1)
+    emb = torch.cat(
+        [sincos_pos_embed_1d(embed_dim // 2, r.flatten()), sincos_pos_embed_1d(embed_dim // 2, c.flatten())], dim=1
+    )
     emb = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=emb.dtype), emb])
     return emb.float().unsqueeze(0)

@@ -38,7 +38,9 @@ def ema_update_(target: nn.Module, online: nn.Module, m: float) -> None:
         raise ValueError(f"momentum m must lie in [0, 1], got {m}")
     t_params, o_params = list(target.parameters()), list(online.parameters())
     if len(t_params) != len(o_params):
-        raise ValueError(f"target has {len(t_params)} parameters but online has {len(o_params)}: build it with momentum_copy(online)")
+        raise ValueError(
+            f"target has {len(t_params)} parameters but online has {len(o_params)}: build it with momentum_copy(online)"
+        )
     if t_params:
         # One fused kernel for all tensors instead of a Python loop of small ops.
         torch._foreach_lerp_(t_params, [o.detach() for o in o_params], 1.0 - m)

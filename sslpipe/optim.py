@@ -52,7 +52,9 @@ class LARS(torch.optim.Optimizer):
                     w_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(g)
                     trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / (g_norm + group["eps"]), torch.ones_like(w_norm)
+                        (w_norm > 0) & (g_norm > 0),
+                        group["eta"] * w_norm / (g_norm + group["eps"]),
+                        torch.ones_like(w_norm),
                     )
                     g = g.mul(trust)
                 state = self.state[p]
@@ -66,8 +68,10 @@ class LARS(torch.optim.Optimizer):
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
     """Biases, norm-layer weights, tokens and position embeddings (all 1-D or named so) get no weight decay."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(
-        key in name for key in ("pos_embed", "cls_token", "mask_token", "dist_token")
+    return (
+        param.ndim <= 1
+        or name.endswith(".bias")
+        or any(key in name for key in ("pos_embed", "cls_token", "mask_token", "dist_token"))
     )
 
 

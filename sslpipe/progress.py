@@ -12,4 +12,6 @@ def progress(iterable: Iterable[T], desc: str = "", total: Optional[int] = None)
     """Wrap ``iterable`` in a tqdm bar on stderr (tqdm ships with Lightning); silent when stderr is not a terminal."""
     from tqdm.auto import tqdm
 
-    yield from tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty() or None)
+    yield from tqdm(
+        iterable, desc=desc, total=total, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty() or None
+    )

@@ -43,7 +43,11 @@ def make_run_dir(root: Optional[str], parts: list[str], name: Optional[str] = No
         return run_dir
     root = root or "runs"
     elastic = os.environ.get("TORCHELASTIC_RUN_ID")
-    job = os.environ.get("SSLPIPE_RUN_ID") or (elastic if elastic not in (None, "", "none") else None) or os.environ.get("SLURM_JOB_ID")
+    job = (
+        os.environ.get("SSLPIPE_RUN_ID")
+        or (elastic if elastic not in (None, "", "none") else None)
+        or os.environ.get("SLURM_JOB_ID")
+    )
     stamp = f"job{job}" if job else time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(root, name or "-".join([stamp, *parts]))
     run_dir, n = base, 1
@@ -76,7 +80,7 @@ def build_loggers(run_dir: str, options: RunOptions, run_name: str) -> list:
             try:
                 import wandb  # noqa: F401
             except Exception as err:  # pragma: no cover - wandb is a dependency, but never fatal
-                warnings.warn(f"wandb unavailable ({err}); continuing without it")
+                warnings.warn(f"wandb unavailable ({err}); continuing without it", stacklevel=2)
                 continue
             os.environ.setdefault("WANDB_SILENT", "true")
             loggers.append(

@@ -15,10 +15,26 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # Tiny, fast settings every end-to-end test starts from (each test adds its own).
-TINY = ["--data.batch_size", "32", "--data.num_workers", "0", "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "2",
-        "--trainer.enable_model_summary", "false", "--trainer.enable_progress_bar", "false",
-        "--trainer.precision", "32-true", "--run.loggers", "[csv]"]
+TINY = [
+    "--data.batch_size",
+    "32",
+    "--data.num_workers",
+    "0",
+    "--trainer.max_epochs",
+    "1",
+    "--trainer.limit_train_batches",
+    "3",
+    "--trainer.limit_val_batches",
+    "2",
+    "--trainer.enable_model_summary",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.precision",
+    "32-true",
+    "--run.loggers",
+    "[csv]",
+]
 
 
 def run_cli(args: list[str], env_clear_run_dir: bool = True) -> tuple[str, str]:
@@ -68,4 +84,3 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world_size, _free_port(), fn, args, tmp), nprocs=world_size, join=True)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
-

@@ -21,8 +21,15 @@ from tests.helpers import TINY, read_metrics, run_cli
 CONFIG = "configs/simclr/digits.yaml"
 # Validation every epoch (on TINY's 2 batches) so the online probe reports a number; 16-px images.
 # Not `--trainer.limit_*_batches 1`: jsonargparse reads Lightning's Union[float, int] "1" as 1.0, i.e. 100%.
-FAST = [*TINY, "--data.image_size", "16", "--trainer.check_val_every_n_epoch", "1",
-        "--trainer.num_sanity_val_steps", "0"]
+FAST = [
+    *TINY,
+    "--data.image_size",
+    "16",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.num_sanity_val_steps",
+    "0",
+]
 # Feature extraction in few large batches (the cache key does not depend on the batch size).
 EVAL_FAST = ["--data.eval_batch_size", "256"]
 
@@ -70,8 +77,12 @@ def knn_runs(pretrained, runs_root) -> dict[str, str]:
     trained, _ = run_cli(["knn", *common])
     random_cache = os.path.join(os.path.dirname(runs_root), "random_features")
     random, _ = run_cli(["knn", *common, "--random_init", "true", "--feature_cache", random_cache])
-    return {"trained": trained, "random": random, "trained_cache": os.path.join(pretrained, "features"),
-            "random_cache": random_cache}
+    return {
+        "trained": trained,
+        "random": random,
+        "trained_cache": os.path.join(pretrained, "features"),
+        "random_cache": random_cache,
+    }
 
 
 def _cached(folder: str, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,9 +153,22 @@ def test_linear_on_checkpoint(knn_runs, pretrained, runs_root):
     cache = os.path.join(pretrained, "features", "*.pt")
     before = {p: os.path.getmtime(p) for p in glob.glob(cache)}
     assert len(before) == 2  # train and val, written by the kNN run
-    run_dir, out = run_cli(["linear", "--checkpoint", os.path.join(pretrained, "checkpoints", "last.ckpt"),
-                            "--trainer.default_root_dir", runs_root, *EVAL_FAST, "--linear.epochs", "2",
-                            "--linear.lrs", "[0.1, 1.0]", "--linear.weight_decays", "[0.0]"])
+    run_dir, out = run_cli(
+        [
+            "linear",
+            "--checkpoint",
+            os.path.join(pretrained, "checkpoints", "last.ckpt"),
+            "--trainer.default_root_dir",
+            runs_root,
+            *EVAL_FAST,
+            "--linear.epochs",
+            "2",
+            "--linear.lrs",
+            "[0.1, 1.0]",
+            "--linear.weight_decays",
+            "[0.0]",
+        ]
+    )
     _assert_run_dir(run_dir, runs_root, "linear-simclr-digits")
     assert out.strip().splitlines()[-1] == run_dir
     metrics = read_metrics(run_dir)
@@ -160,8 +184,20 @@ def test_linear_on_checkpoint(knn_runs, pretrained, runs_root):
 # ------------------------------------------------------------------ resume, print_config, loggers
 def test_resume_continues_global_step(pretrained, runs_root):
     ckpt = os.path.join(pretrained, "checkpoints", "last.ckpt")
-    run_dir, _ = run_cli(["pretrain", "--config", CONFIG, "--trainer.default_root_dir", runs_root, *FAST,
-                          "--trainer.max_epochs", "3", "--ckpt_path", ckpt])
+    run_dir, _ = run_cli(
+        [
+            "pretrain",
+            "--config",
+            CONFIG,
+            "--trainer.default_root_dir",
+            runs_root,
+            *FAST,
+            "--trainer.max_epochs",
+            "3",
+            "--ckpt_path",
+            ckpt,
+        ]
+    )
     assert run_dir != pretrained
     metrics = read_metrics(run_dir)
     assert metrics["global_step"] == 9 and metrics["epochs"] == 3  # 3 steps restored + 2 epochs of 3
@@ -173,8 +209,18 @@ def test_print_config(capsys, tmp_path):
     root = str(tmp_path / "runs")
     os.environ.pop(ENV_RUN_DIR, None)
     with pytest.raises(SystemExit) as exit_info:
-        main(["pretrain", "--config", CONFIG, "--trainer.default_root_dir", root, "--data.image_size", "16",
-              "--print_config"])
+        main(
+            [
+                "pretrain",
+                "--config",
+                CONFIG,
+                "--trainer.default_root_dir",
+                root,
+                "--data.image_size",
+                "16",
+                "--print_config",
+            ]
+        )
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "sslpipe.methods.SimCLR"
@@ -189,9 +235,24 @@ def wandb_run(runs_root) -> str:
     previous = os.environ.get("WANDB_MODE")
     os.environ["WANDB_MODE"] = "offline"
     try:
-        run_dir, _ = run_cli(["pretrain", "--config", CONFIG, "--trainer.default_root_dir", runs_root, *FAST,
-                              "--trainer.limit_train_batches", "2", "--run.loggers", "[csv,wandb]",
-                              "--model.backbone", "resnet10t", "--model.temperature", "0.37"])
+        run_dir, _ = run_cli(
+            [
+                "pretrain",
+                "--config",
+                CONFIG,
+                "--trainer.default_root_dir",
+                runs_root,
+                *FAST,
+                "--trainer.limit_train_batches",
+                "2",
+                "--run.loggers",
+                "[csv,wandb]",
+                "--model.backbone",
+                "resnet10t",
+                "--model.temperature",
+                "0.37",
+            ]
+        )
     finally:
         if previous is None:
             os.environ.pop("WANDB_MODE", None)

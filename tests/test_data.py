@@ -86,7 +86,7 @@ def test_imagefolder_missing_root(tmp_path):
         build_dataset("imagefolder", str(missing), "train")
     assert str(missing / "train") in str(err.value) and "--data.root" in str(err.value)
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
-        SSLDataModule("imagefolder", root=str(missing)).num_classes
+        _ = SSLDataModule("imagefolder", root=str(missing)).num_classes
 
 
 @pytest.mark.parametrize(

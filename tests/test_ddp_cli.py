@@ -16,8 +16,10 @@ CASES = {
     # Shuffle-BN across the two ranks, and the queue filled with the keys of both.
     "moco_v2": (["--model.init_args.bn_splits", "1"], ("queue.queue", "queue.ptr", "key_step")),
     # The memory bank written with both ranks' embeddings, and Z estimated from both.
-    "pirl": (["--data.image_size", "32", "--data.views.init_args.tile_size", "8", "--model.init_args.loss_form", "nce"],
-             ("memory.bank", "nce_log_z")),
+    "pirl": (
+        ["--data.image_size", "32", "--data.views.init_args.tile_size", "8", "--model.init_args.loss_form", "nce"],
+        ("memory.bank", "nce_log_z"),
+    ),
 }
 
 
@@ -28,12 +30,34 @@ def test_pretrain_ddp_two_cpu_processes(method, tmp_path):
     root = tmp_path / "runs"
     env = {k: v for k, v in os.environ.items() if k != "SSLPIPE_RUN_DIR"}
     env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "sslpipe.cli", "pretrain", "--config", f"configs/{method}/digits.yaml",
-           *TINY, "--data.batch_size", "16", "--data.image_size", "16", "--trainer.limit_train_batches", "2",
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--trainer.default_root_dir", str(root), "--trainer.callbacks+=tests.rank_state.DumpRankState", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.join(os.path.dirname(__file__), ".."))
+    cmd = [
+        sys.executable,
+        "-m",
+        "sslpipe.cli",
+        "pretrain",
+        "--config",
+        f"configs/{method}/digits.yaml",
+        *TINY,
+        "--data.batch_size",
+        "16",
+        "--data.image_size",
+        "16",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.callbacks+=tests.rank_state.DumpRankState",
+        *extra,
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=env, timeout=300, cwd=os.path.join(os.path.dirname(__file__), "..")
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = proc.stdout.strip().splitlines()[-1]
     # Rank 1 is a separate process started by Lightning; it must write into rank 0's run directory.

@@ -95,7 +95,9 @@ def test_views_sizes_and_collation():
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32), (4, 9, 3, 16, 16), (4,)]
     # Per-tile augmentation is independent: two tiles cut from the same flat image differ after jitter.
     flat = Image.new("RGB", (30, 30), (120, 80, 40))
-    tiles = JigsawViews(tile=dict(jitter_p=1.0, hflip_p=0.0), grid_size=30, num_permutations=5).build(30, (0, 0, 0), (1, 1, 1))(flat)[1]
+    tiles = JigsawViews(tile=dict(jitter_p=1.0, hflip_p=0.0), grid_size=30, num_permutations=5).build(
+        30, (0, 0, 0), (1, 1, 1)
+    )(flat)[1]
     assert len({round(float(t.mean()), 4) for t in tiles}) > 1
 
 

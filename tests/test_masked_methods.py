@@ -12,7 +12,11 @@ from sslpipe.optim import param_groups
 from tests.helpers import TINY, read_metrics, run_cli
 
 # 16-px images, 4-px patches (4x4 grid), one narrow block: milliseconds per step.
-VIT = dict(backbone="vit_tiny_patch16_224", backbone_kwargs={"patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 3}, image_size=16)
+VIT = dict(
+    backbone="vit_tiny_patch16_224",
+    backbone_kwargs={"patch_size": 4, "depth": 1, "embed_dim": 48, "num_heads": 3},
+    image_size=16,
+)
 MAE_KW = dict(decoder_dim=32, decoder_depth=1, decoder_heads=2)
 
 
@@ -57,7 +61,9 @@ def test_fixed_sincos_positions_are_not_optimised():
     pos = model.backbone.pos_embed
     assert not pos.requires_grad and pos.shape == (1, 17, 48)
     # patch (row 1, col 2) of the 4x4 grid: first quarter of channels is sin(row * 1/10000^(k/12))
-    assert torch.allclose(pos[0, 1 + 1 * 4 + 2, :12], torch.sin(torch.ones(12) / 10000 ** (torch.arange(12) / 12)), atol=1e-6)
+    assert torch.allclose(
+        pos[0, 1 + 1 * 4 + 2, :12], torch.sin(torch.ones(12) / 10000 ** (torch.arange(12) / 12)), atol=1e-6
+    )
     optimised = {id(p) for g in param_groups(model, 0.05) for p in g["params"]}
     assert id(pos) not in optimised and id(model.decoder.pos_embed) not in optimised
 
@@ -87,10 +93,14 @@ def test_dae_corrupts_with_gaussian_noise_and_scores_every_patch():
     pred, corrupted, mask = model.predict(images, _gen(4))[:3]
     expected_noisy = images + 0.3 * torch.randn(images.shape, generator=_gen(4))
     assert mask is None and torch.allclose(corrupted, patchify(expected_noisy, 4))
-    assert model.loss(pred, patchify(images, 4), mask).item() == pytest.approx(((pred - patchify(images, 4)) ** 2).mean().item(), rel=1e-5)
+    assert model.loss(pred, patchify(images, 4), mask).item() == pytest.approx(
+        ((pred - patchify(images, 4)) ** 2).mean().item(), rel=1e-5
+    )
 
 
-@pytest.mark.parametrize("cls, kwargs", [(MaskedAutoencoder, MAE_KW), (SimMIM, {"mask_block_size": 1}), (DenoisingAutoencoder, {})])
+@pytest.mark.parametrize(
+    "cls, kwargs", [(MaskedAutoencoder, MAE_KW), (SimMIM, {"mask_block_size": 1}), (DenoisingAutoencoder, {})]
+)
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(cls, kwargs):
     torch.manual_seed(0)
     model = cls(**kwargs, **VIT)
@@ -128,22 +138,54 @@ def test_simmim_probe_features_average_only_the_visible_patch_tokens():
         torch.testing.assert_close(features[b], visible.mean(dim=0))
 
 
-TINY_VIT = ["--model.init_args.backbone_kwargs", "{patch_size: 4, depth: 1, embed_dim: 48, num_heads: 3}",
-            "--data.image_size", "16", "--model.init_args.reconstruction_images", "4"]
+TINY_VIT = [
+    "--model.init_args.backbone_kwargs",
+    "{patch_size: 4, depth: 1, embed_dim: 48, num_heads: 3}",
+    "--data.image_size",
+    "16",
+    "--model.init_args.reconstruction_images",
+    "4",
+]
 
 
-@pytest.mark.parametrize("variant, extra", [
-    ("mae", ["--model.init_args.decoder_dim", "32", "--model.init_args.decoder_heads", "2", "--model.init_args.decoder_depth", "1"]),
-    ("simmim", []),
-    ("dae", []),
-])
+@pytest.mark.parametrize(
+    "variant, extra",
+    [
+        (
+            "mae",
+            [
+                "--model.init_args.decoder_dim",
+                "32",
+                "--model.init_args.decoder_heads",
+                "2",
+                "--model.init_args.decoder_depth",
+                "1",
+            ],
+        ),
+        ("simmim", []),
+        ("dae", []),
+    ],
+)
 def test_pretrain_digits_writes_reconstructions_then_knn(runs_dir, variant, extra):
-    run_dir, _ = run_cli(["pretrain", "--config", f"configs/{variant}/digits.yaml", "--trainer.default_root_dir", runs_dir, *TINY, *TINY_VIT, *extra])
+    run_dir, _ = run_cli(
+        [
+            "pretrain",
+            "--config",
+            f"configs/{variant}/digits.yaml",
+            "--trainer.default_root_dir",
+            runs_dir,
+            *TINY,
+            *TINY_VIT,
+            *extra,
+        ]
+    )
     metrics = read_metrics(run_dir)
     assert metrics["method"] == variant and metrics["global_step"] == 3
     png = os.path.join(run_dir, "reconstructions", "epoch_000.png")
     with Image.open(png) as grid:  # 3 rows (input, corrupted, reconstruction) x 4 images of 16 px, 2-px padding
         assert grid.size == (4 * 18 + 2, 3 * 18 + 2)
-    eval_dir, _ = run_cli(["knn", "--checkpoint", f"{run_dir}/checkpoints/last.ckpt", "--trainer.default_root_dir", runs_dir])
+    eval_dir, _ = run_cli(
+        ["knn", "--checkpoint", f"{run_dir}/checkpoints/last.ckpt", "--trainer.default_root_dir", runs_dir]
+    )
     result = read_metrics(eval_dir)
     assert result["method"] == variant and result["feature_dim"] == 48 and 0 <= result["knn_top1"] <= 100

@@ -28,7 +28,7 @@ def test_patchify_matches_explicit_crops():
     for b in range(2):
         for i in range(2):
             for j in range(3):
-                crop = images[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p]  # (C, p, p)
+                crop = images[b, :, i * p : (i + 1) * p, j * p : (j + 1) * p]  # (C, p, p)
                 expected = [crop[c, y, x] for y in range(p) for x in range(p) for c in range(3)]
                 assert torch.equal(patches[b, i * 3 + j], torch.stack(expected))
 
@@ -93,7 +93,7 @@ def test_block_masking_hides_whole_blocks():
     for b in range(5):
         for bi in range(4):
             for bj in range(4):
-                block = grid[b, 2 * bi:2 * bi + 2, 2 * bj:2 * bj + 2]
+                block = grid[b, 2 * bi : 2 * bi + 2, 2 * bj : 2 * bj + 2]
                 assert block.min() == block.max()
     with pytest.raises(ValueError, match="divide"):
         block_masking(1, (8, 8), 3, 0.5)
@@ -166,7 +166,9 @@ def test_masked_l1_matches_loop_and_runs_fp32_under_autocast():
     pred, target, mask = _setup(2)
     total = sum(
         sum(abs(float(pred[b, i, d]) - float(target[b, i, d])) for d in range(12)) / 12
-        for b in range(3) for i in range(6) if mask[b, i] == 1
+        for b in range(3)
+        for i in range(6)
+        if mask[b, i] == 1
     )
     assert masked_l1_loss(pred, target, mask).item() == pytest.approx(total / mask.sum().item(), rel=1e-5)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -13,8 +13,17 @@ from sslpipe.losses import infonce_loss, moco_v3_loss
 from sslpipe.momentum import cosine_momentum, ema_update_
 from tests.helpers import TINY, read_metrics, run_cli, run_distributed
 
-SMALL = dict(backbone="resnet18", image_size=16, proj_hidden_dim=32, proj_output_dim=16, pred_hidden_dim=32,
-             optimizer="sgd", base_lr=0.05, warmup_epochs=0, num_classes=10)
+SMALL = dict(
+    backbone="resnet18",
+    image_size=16,
+    proj_hidden_dim=32,
+    proj_output_dim=16,
+    pred_hidden_dim=32,
+    optimizer="sgd",
+    base_lr=0.05,
+    warmup_epochs=0,
+    num_classes=10,
+)
 
 
 def _moco(**kwargs):
@@ -124,7 +133,9 @@ def test_losses_run_in_fp32_on_bf16_autocast_inputs():
         v2 = infonce_loss(q, k, queue.bfloat16(), 0.07)
         v3 = moco_v3_loss(q, k, 0.07)
     assert v2.dtype == v3.dtype == torch.float32
-    assert float(v2) == pytest.approx(_infonce_reference(q.float(), k.float(), queue.bfloat16().float(), 0.07), rel=1e-5)
+    assert float(v2) == pytest.approx(
+        _infonce_reference(q.float(), k.float(), queue.bfloat16().float(), 0.07), rel=1e-5
+    )
     assert float(v3) == pytest.approx(_v3_loss_reference(q.float(), k.float(), range(16), 0.07), rel=1e-5)
 
 
@@ -155,8 +166,13 @@ def test_shuffle_bn_helpers_and_v3_loss_on_two_gloo_ranks():
 
 def test_v3_with_a_timm_vit_and_frozen_patch_embedding():
     torch.manual_seed(0)
-    model = _moco(mode="v3", backbone="vit_tiny_patch16_224", backbone_kwargs={"patch_size": 4, "depth": 2},
-                  freeze_patch_embed=True, shuffle_bn=False)
+    model = _moco(
+        mode="v3",
+        backbone="vit_tiny_patch16_224",
+        backbone_kwargs={"patch_size": 4, "depth": 2},
+        freeze_patch_embed=True,
+        shuffle_bn=False,
+    )
     out = model.ssl_step([torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)], torch.arange(4))
     out.loss.backward()
     assert torch.isfinite(out.loss) and out.features.shape == (4, model.feature_dim)
@@ -191,9 +207,17 @@ def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path
         torch.manual_seed(0)
         model = _moco(mode="v2", queue_size=50, key_momentum=0.9)
         data = SSLDataModule("digits", image_size=16, batch_size=16, num_workers=0)
-        trainer = pl.Trainer(max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=list(callbacks), accelerator="cpu")
+        trainer = pl.Trainer(
+            max_epochs=max_epochs,
+            limit_train_batches=3,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=list(callbacks),
+            accelerator="cpu",
+        )
         trainer.fit(model, data, ckpt_path=ckpt_path)
         return trainer, model
 
@@ -215,8 +239,20 @@ def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path
 def test_pretrain_then_knn_end_to_end(config, runs_dir):
     # 16 px (the data setting travels with the checkpoint to knn) and one BN group: on 2 CPU cores tiny
     # sub-batches cost more in per-call overhead than in compute (bn_splits is covered by the unit tests).
-    run_dir, _ = run_cli(["pretrain", "--config", config, "--trainer.default_root_dir", runs_dir, *TINY,
-                          "--data.image_size", "16", "--model.init_args.bn_splits", "1"])
+    run_dir, _ = run_cli(
+        [
+            "pretrain",
+            "--config",
+            config,
+            "--trainer.default_root_dir",
+            runs_dir,
+            *TINY,
+            "--data.image_size",
+            "16",
+            "--model.init_args.bn_splits",
+            "1",
+        ]
+    )
     metrics = read_metrics(run_dir)
     mode = "v2" if "v2" in config else "v3"
     assert metrics["method"] == f"moco_{mode}" and metrics["global_step"] == 3
@@ -225,8 +261,17 @@ def test_pretrain_then_knn_end_to_end(config, runs_dir):
     assert int(state["key_step"]) == 3
     if "v2" in config:
         assert int(state["queue.ptr"]) == 3 * 32  # TINY's batch 32, three steps, queue of 1024
-    eval_dir, _ = run_cli(["knn", "--checkpoint", f"{run_dir}/checkpoints/last.ckpt", "--trainer.default_root_dir", runs_dir,
-                           "--data.eval_batch_size", "256"])
+    eval_dir, _ = run_cli(
+        [
+            "knn",
+            "--checkpoint",
+            f"{run_dir}/checkpoints/last.ckpt",
+            "--trainer.default_root_dir",
+            runs_dir,
+            "--data.eval_batch_size",
+            "256",
+        ]
+    )
     eval_metrics = read_metrics(eval_dir)
     assert 0 <= eval_metrics["knn_top1"] <= 100 and eval_metrics["method"] == f"moco_{mode}"
 
@@ -238,8 +283,17 @@ def test_key_encoder_moves_once_per_optimiser_step_with_gradient_accumulation():
 
     torch.manual_seed(0)
     model = _moco(mode="v2", queue_size=50, key_momentum=0.9, key_momentum_cosine=True)
-    trainer = pl.Trainer(max_epochs=1, limit_train_batches=4, accumulate_grad_batches=2, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        limit_train_batches=4,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, SSLDataModule("digits", image_size=16, batch_size=8, num_workers=0))
     assert trainer.global_step == 2 and int(model.key_step) == 2  # 4 batches, 2 optimiser steps, 2 EMA updates
     assert int(model.queue.ptr) == 4 * 8  # every batch still enqueues its keys

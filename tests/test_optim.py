@@ -30,7 +30,9 @@ def test_lars_two_steps_by_hand():
     b = nn.Parameter(torch.tensor(b0, dtype=torch.float64))
     opt = LARS(
         [{"params": [w], "weight_decay": wd}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
-        lr=lr, momentum=momentum, eta=eta,
+        lr=lr,
+        momentum=momentum,
+        eta=eta,
     )
 
     ew, eb = list(w0), list(b0)  # expected values, plain Python
@@ -154,18 +156,39 @@ def test_warmup_counts_epochs_in_loader_steps_when_max_steps_ends_training():
             self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
     torch.manual_seed(0)
-    model = SimCLR(backbone="resnet18", image_size=16, proj_hidden_dim=16, proj_output_dim=8, optimizer="sgd",
-                   base_lr=0.256, warmup_epochs=1.0, online_probe=False)
+    model = SimCLR(
+        backbone="resnet18",
+        image_size=16,
+        proj_hidden_dim=16,
+        proj_output_dim=8,
+        optimizer="sgd",
+        base_lr=0.256,
+        warmup_epochs=1.0,
+        online_probe=False,
+    )
     data = SSLDataModule("fake", image_size=16, batch_size=8, num_workers=0)
     recorder = RecordLR()
-    trainer = pl.Trainer(max_epochs=1000, max_steps=6, limit_train_batches=4, limit_val_batches=0, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[recorder], accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=1000,
+        max_steps=6,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+        accelerator="cpu",
+    )
     trainer.fit(model, data)
     peak = 0.256 * 8 / 256  # base_lr x batch / 256
     warmup, total = 4, 6  # one epoch = 4 loader steps; training ends at max_steps = 6
-    expected = [peak * (s + 1) / warmup if s < warmup else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
-                for s in range(total)]
+    expected = [
+        peak * (s + 1) / warmup
+        if s < warmup
+        else peak * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        for s in range(total)
+    ]
     assert recorder.lrs == pytest.approx(expected, rel=1e-6)
 
 
@@ -176,7 +199,15 @@ def test_an_endless_run_is_rejected_with_the_fix():
     from sslpipe.methods import SimCLR
 
     model = SimCLR(backbone="resnet18", image_size=16, proj_hidden_dim=16, proj_output_dim=8, online_probe=False)
-    trainer = pl.Trainer(max_epochs=-1, max_steps=-1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=-1,
+        max_steps=-1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     with pytest.raises(ValueError, match="trainer.max_epochs or trainer.max_steps"):
         trainer.fit(model, SSLDataModule("fake", image_size=16, batch_size=8, num_workers=0))

@@ -27,7 +27,7 @@ def _ref_nce(queries, positives, negatives, mask, tau, z, num_data):
     for b, q in enumerate(queries):
         k_b = sum(mask[b])
 
-        def h(s):
+        def h(s, k_b=k_b):
             p = math.exp(s / tau) / z
             return p / (p + k_b / num_data)
 
@@ -178,9 +178,22 @@ def test_two_gloo_ranks_keep_identical_banks_and_z():
 
 def test_pretrain_knn_and_resume_on_digits(runs_dir, caplog):
     # The NCE form (the paper's, the library default) so that Z's estimate and checkpointing are exercised.
-    args = ["pretrain", "--config", "configs/pirl/digits.yaml", "--trainer.default_root_dir", runs_dir, *TINY,
-            "--model.loss_form", "nce", "--model.num_negatives", "32000", "--data.batch_size", "16",
-            "--data.views.init_args.tile_size", "8"]
+    args = [
+        "pretrain",
+        "--config",
+        "configs/pirl/digits.yaml",
+        "--trainer.default_root_dir",
+        runs_dir,
+        *TINY,
+        "--model.loss_form",
+        "nce",
+        "--model.num_negatives",
+        "32000",
+        "--data.batch_size",
+        "16",
+        "--data.views.init_args.tile_size",
+        "8",
+    ]
     run_dir, _ = run_cli(args)
     assert "num_negatives=32000 exceeds the 1436 other images" in caplog.text  # the cap is logged
     metrics = read_metrics(run_dir)
@@ -195,11 +208,15 @@ def test_pretrain_knn_and_resume_on_digits(runs_dir, caplog):
     model = load_method(last)
     assert torch.equal(model.memory.bank, bank) and torch.equal(model.nce_log_z, log_z)
 
-    eval_dir, _ = run_cli(["knn", "--checkpoint", last, "--trainer.default_root_dir", runs_dir, "--data.eval_batch_size", "256"])
+    eval_dir, _ = run_cli(
+        ["knn", "--checkpoint", last, "--trainer.default_root_dir", runs_dir, "--data.eval_batch_size", "256"]
+    )
     assert 0 <= read_metrics(eval_dir)["knn_top1"] <= 100
 
     # Resume: the bank is built in setup() before Lightning loads the checkpoint into it; Z is kept.
-    resumed, _ = run_cli([*args, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--ckpt_path", last])
+    resumed, _ = run_cli(
+        [*args, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2", "--ckpt_path", last]
+    )
     assert read_metrics(resumed)["global_step"] == 5
     ckpt2 = torch.load(f"{resumed}/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert torch.equal(ckpt2["state_dict"]["nce_log_z"], log_z)

@@ -36,7 +36,7 @@ def test_fifo_order_and_wrap_around_with_k_not_a_multiple_of_the_batch():
         assert int(queue.ptr) == ptr
     # The queue now holds the newest 7 keys; the oldest surviving one sits at the pointer.
     assert int(queue.ptr) == 12 % 7
-    newest_in_order = torch.cat([queue.queue[int(queue.ptr):], queue.queue[: int(queue.ptr)]])
+    newest_in_order = torch.cat([queue.queue[int(queue.ptr) :], queue.queue[: int(queue.ptr)]])
     assert torch.equal(newest_in_order, torch.cat(batches)[-7:])
 
 
@@ -52,7 +52,7 @@ def test_a_batch_larger_than_the_queue_keeps_the_newest_keys():
 
 def test_checkpoint_round_trip_restores_contents_and_pointer(tmp_path):
     queue = MomentumQueue(size=10, dim=4, seed=1)
-    for i in range(3):
+    for _ in range(3):
         queue.enqueue(torch.randn(4, 4))
     path = tmp_path / "queue.pt"
     torch.save(queue.state_dict(), path)

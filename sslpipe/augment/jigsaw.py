@@ -27,8 +27,16 @@ NUM_TILES = GRID * GRID
 # PIRL's per-patch augmentation: colour jitter (0.4, 0.4, 0.4, 0.2), grayscale 0.2, horizontal flip.
 # The tile is already a crop, so the tile pipeline only resizes it (scale and ratio fixed at 1).
 DEFAULT_TILE_AUG = SimCLRAugment(
-    crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip_p=0.5, jitter_p=0.8, brightness=0.4, contrast=0.4,
-    saturation=0.4, hue=0.2, grayscale_p=0.2, blur_p=0.0,
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    hflip_p=0.5,
+    jitter_p=0.8,
+    brightness=0.4,
+    contrast=0.4,
+    saturation=0.4,
+    hue=0.2,
+    grayscale_p=0.2,
+    blur_p=0.0,
 )
 
 

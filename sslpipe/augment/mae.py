@@ -28,8 +28,13 @@ class MAEViews(ViewRecipe):
     ) -> None:
         # A SimCLR view with every photometric op switched off is exactly crop + flip: one pipeline to maintain.
         self.augment = SimCLRAugment(
-            crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio), hflip_p=hflip_p,
-            jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0,
+            crop_scale=tuple(crop_scale),
+            crop_ratio=tuple(crop_ratio),
+            hflip_p=hflip_p,
+            jitter_p=0.0,
+            grayscale_p=0.0,
+            blur_p=0.0,
+            solarize_p=0.0,
         )
 
     def build(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> MultiView:

@@ -8,7 +8,7 @@ MAE: one light crop; PIRL: image + jigsaw).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -67,7 +67,9 @@ def simclr_transform(aug: SimCLRAugment, image_size: int, mean: Sequence[float],
     return v2.Compose(ops + _to_normalised_tensor(mean, std))
 
 
-def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float], resize_ratio: float = 1.0) -> Transform:
+def eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], resize_ratio: float = 1.0
+) -> Transform:
     """Deterministic evaluation transform: resize the short side to ``image_size * resize_ratio``, centre-crop.
 
     ``resize_ratio`` 1.0 suits small images stored at training size (digits, CIFAR); 256/224 is the
@@ -136,7 +138,9 @@ class SimCLRViews(ViewRecipe):
         if num_views < 1:
             raise ValueError(f"num_views must be >= 1, got {num_views}")
         if per_view is not None and len(per_view) != num_views:
-            raise ValueError(f"per_view has {len(per_view)} entries but num_views is {num_views}: give one dict per view")
+            raise ValueError(
+                f"per_view has {len(per_view)} entries but num_views is {num_views}: give one dict per view"
+            )
         names = {f.name for f in fields(SimCLRAugment)}
         self.base = SimCLRAugment(**{k: v for k, v in locals().items() if k in names})
         self.num_views = num_views

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 
-def kmeans_assign(features: torch.Tensor, num_clusters: int, niter: int = 50, nredo: int = 3, seed: int = 0) -> np.ndarray:
+def kmeans_assign(
+    features: torch.Tensor, num_clusters: int, niter: int = 50, nredo: int = 3, seed: int = 0
+) -> np.ndarray:
     """Cluster L2-normalised ``features`` into ``num_clusters`` with faiss (spherical k-means); return assignments."""
     import faiss
 
@@ -30,7 +32,9 @@ def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
     return float(counts[rows, cols].sum() / len(labels))
 
 
-def clustering_scores(features: torch.Tensor, labels: torch.Tensor, num_clusters: int, seed: int = 0) -> dict[str, float]:
+def clustering_scores(
+    features: torch.Tensor, labels: torch.Tensor, num_clusters: int, seed: int = 0
+) -> dict[str, float]:
     """k-means on ``features`` scored against ``labels``: NMI, ARI and Hungarian accuracy (percent)."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 

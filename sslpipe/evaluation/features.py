@@ -27,7 +27,11 @@ def autocast_for(device: torch.device, precision: str):
 
 @torch.no_grad()
 def extract_features(
-    model: nn.Module, loader: DataLoader, device: torch.device | str = "cpu", precision: str = "32-true", desc: str = "features"
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str = "cpu",
+    precision: str = "32-true",
+    desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``model`` (in eval mode) over ``loader`` of ``(image, label)`` and return fp32 features and labels."""
     device = torch.device(device)
@@ -52,7 +56,7 @@ def cache_key(**parts: object) -> str:
 def cached_features(
     cache_dir: Optional[str], key: str, compute: Callable[[], tuple[torch.Tensor, torch.Tensor]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load ``<cache_dir>/<key>.pt`` if present, else ``compute()`` and save it there (no cache if ``cache_dir`` is None)."""
+    """Load ``<cache_dir>/<key>.pt`` if present, else ``compute()`` and save it there (``cache_dir`` None: no cache)."""
     if cache_dir is None:
         return compute()
     path = os.path.join(cache_dir, f"{key}.pt")

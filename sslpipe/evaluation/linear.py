@@ -31,7 +31,14 @@ class LinearProbeResult:
 
 
 def _fit(
-    x: torch.Tensor, y: torch.Tensor, num_classes: int, lr: float, weight_decay: float, epochs: int, batch_size: int, seed: int
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    batch_size: int,
+    seed: int,
 ) -> nn.Linear:
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

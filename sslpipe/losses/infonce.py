@@ -22,7 +22,9 @@ def infonce_logits(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temper
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if q.shape != k.shape or q.ndim != 2 or queue.ndim != 2 or queue.shape[1] != q.shape[1]:
-        raise ValueError(f"need q, k of shape (N, d) and queue (K, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(queue.shape)}")
+        raise ValueError(
+            f"need q, k of shape (N, d) and queue (K, d); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(queue.shape)}"
+        )
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
         positive = (q * k).sum(dim=1, keepdim=True)

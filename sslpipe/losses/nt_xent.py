@@ -14,9 +14,7 @@ from torch import nn
 from sslpipe.distributed import gather_with_grad, rank, world_size
 
 
-def nt_xent_loss(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True
-) -> torch.Tensor:
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
     """NT-Xent over the global batch of ``2 * N * world_size`` views.
 
     Args:

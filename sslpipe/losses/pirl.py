@@ -61,7 +61,11 @@ def estimate_nce_log_z(
         _, neg = _logits(query, query, negatives, temperature)
         mask = _mask(neg_mask, neg.shape, neg.device)
         count = mask.sum().clamp_min(1)
-        return torch.logsumexp(neg.masked_fill(~mask, float("-inf")).flatten(), 0) - count.float().log() + math.log(num_data)
+        return (
+            torch.logsumexp(neg.masked_fill(~mask, float("-inf")).flatten(), 0)
+            - count.float().log()
+            + math.log(num_data)
+        )
 
 
 def pirl_nce_loss(

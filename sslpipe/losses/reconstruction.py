@@ -31,13 +31,19 @@ def _masked_mean(per_patch: torch.Tensor, mask: Optional[torch.Tensor]) -> torch
 
 def _check(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
     if pred.shape != target.shape or pred.ndim != 3:
-        raise ValueError(f"pred and target must be (B, L, D) of equal shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"pred and target must be (B, L, D) of equal shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     if mask is not None and mask.shape != pred.shape[:2]:
         raise ValueError(f"mask must be (B, L) = {tuple(pred.shape[:2])}, got {tuple(mask.shape)}")
 
 
 def masked_mse_loss(
-    pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None, norm_pix: bool = False, eps: float = 1e-6
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    norm_pix: bool = False,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """Mean squared error over the pixels of the hidden patches (MAE), always in fp32.
 

@@ -123,7 +123,9 @@ class SSLMethod(pl.LightningModule):
     def global_batch_size(self) -> int:
         """Images per optimiser step over all devices (per-device batch x devices x accumulation)."""
         trainer = self.trainer
-        per_device = trainer.datamodule.batch_size if trainer.datamodule is not None else trainer.train_dataloader.batch_size
+        per_device = (
+            trainer.datamodule.batch_size if trainer.datamodule is not None else trainer.train_dataloader.batch_size
+        )
         return per_device * trainer.world_size * trainer.accumulate_grad_batches
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -160,18 +162,25 @@ class SSLMethod(pl.LightningModule):
         lr = hp.base_lr * self.global_batch_size / hp.lr_reference_batch
         groups = param_groups(self, hp.weight_decay, hp.exclude_bias_norm, prefix_excluded=("probe.",))
         if self.probe is not None:
-            groups.append({"params": list(self.probe.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": hp.probe_lr})
+            groups.append(
+                {"params": list(self.probe.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": hp.probe_lr}
+            )
         optimizer = build_optimizer(hp.optimizer, groups, lr=lr, momentum=hp.momentum, betas=tuple(hp.betas))
         estimated = self.trainer.estimated_stepping_batches
         if not math.isfinite(estimated):
-            raise ValueError("the warm-up + cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps")
+            raise ValueError(
+                "the warm-up + cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
+            )
         total = max(1, int(estimated))
         # Steps per epoch from the loader, not total / max_epochs: max_steps may end training first.
         if self.trainer.train_dataloader is None:
             self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
-        steps_per_epoch = (math.ceil(batches / self.trainer.accumulate_grad_batches) if math.isfinite(batches)
-                           else total / max(1, self.trainer.max_epochs or 1))
+        steps_per_epoch = (
+            math.ceil(batches / self.trainer.accumulate_grad_batches)
+            if math.isfinite(batches)
+            else total / max(1, self.trainer.max_epochs or 1)
+        )
         warmup = int(hp.warmup_epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)

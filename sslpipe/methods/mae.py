@@ -44,7 +44,15 @@ class MaskedAutoencoder(MaskedImageModel):
         num_visible(self.num_patches, mask_ratio)  # fails early on a bad ratio
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
-        self.decoder = MAEDecoder(self.num_patches, self.feature_dim, self.patch_dim, decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio)
+        self.decoder = MAEDecoder(
+            self.num_patches,
+            self.feature_dim,
+            self.patch_dim,
+            decoder_dim,
+            decoder_depth,
+            decoder_heads,
+            decoder_mlp_ratio,
+        )
 
     def predict(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> Prediction:
         """Encoder on the visible tokens, decoder over all positions."""

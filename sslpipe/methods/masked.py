@@ -76,10 +76,22 @@ class MaskedImageModel(SSLMethod):
     ) -> None:
         super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
         vit = self.backbone
-        if not all(hasattr(vit, a) for a in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm")) or vit.cls_token is None:
-            raise ValueError(f"backbone {backbone!r} is not a timm VisionTransformer with a class token; use e.g. vit_tiny_patch16_224")
-        if getattr(vit, "num_reg_tokens", 0) or getattr(vit, "no_embed_class", False) or getattr(vit, "dynamic_img_size", False):
-            raise ValueError(f"backbone {backbone!r}: register tokens, no_embed_class and dynamic_img_size are not supported here")
+        if (
+            not all(hasattr(vit, a) for a in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm"))
+            or vit.cls_token is None
+        ):
+            raise ValueError(
+                f"backbone {backbone!r} is not a timm VisionTransformer with a class token; "
+                "use e.g. vit_tiny_patch16_224"
+            )
+        if (
+            getattr(vit, "num_reg_tokens", 0)
+            or getattr(vit, "no_embed_class", False)
+            or getattr(vit, "dynamic_img_size", False)
+        ):
+            raise ValueError(
+                f"backbone {backbone!r}: register tokens, no_embed_class and dynamic_img_size are not supported here"
+            )
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         self.pool = pool
@@ -99,8 +111,10 @@ class MaskedImageModel(SSLMethod):
         self.reconstruction_images = reconstruction_images
 
     # ------------------------------------------------------------------ encoder pieces
-    def embed_patches(self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``(B, L, D)`` patch tokens with positions; where ``mask`` is 1 the token is replaced by ``mask_token`` first."""
+    def embed_patches(
+        self, images: torch.Tensor, mask: Optional[torch.Tensor] = None, mask_token: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``(B, L, D)`` patch tokens with positions; where ``mask`` is 1 the token becomes ``mask_token``."""
         x = self.backbone.patch_embed(images)
         if mask is not None and mask_token is not None:
             x = torch.where(mask.bool().unsqueeze(-1), mask_token.to(x.dtype), x)
@@ -149,7 +163,9 @@ class MaskedImageModel(SSLMethod):
         return SSLOutput(loss=loss, features=self.pooled(out.tokens, out.mask_token_positions))
 
     @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, images: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(corrupted, reconstruction)`` images for display, in the input's normalisation.
 
         Visible patches of masked models are pasted from the input (only hidden ones are trained).

@@ -84,19 +84,25 @@ class MoCo(SSLMethod):
         if mode not in ("v2", "v3"):
             raise ValueError(f"mode must be 'v2' or 'v3', got {mode!r}")
         if shuffle_bn and sync_bn:
-            raise ValueError("shuffle_bn and sync_bn exclude each other (synced statistics need no shuffling); set one to false")
+            raise ValueError(
+                "shuffle_bn and sync_bn exclude each other (synced statistics need no shuffling); set one to false"
+            )
         if bn_splits < 1 or not 0.0 <= key_momentum <= 1.0:
             raise ValueError(f"need bn_splits >= 1 and 0 <= key_momentum <= 1, got {bn_splits} and {key_momentum}")
         self.mode, self.temperature, self.shuffle_bn, self.bn_splits = mode, temperature, shuffle_bn, bn_splits
         v3 = mode == "v3"
         hidden_bn = v3 if proj_batch_norm is None else proj_batch_norm
-        self.projector = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers, hidden_bn, last_batch_norm=v3)
+        self.projector = mlp(
+            self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers, hidden_bn, last_batch_norm=v3
+        )
         self.predictor = mlp(proj_output_dim, pred_hidden_dim, proj_output_dim, 2) if v3 else None
         self.queue = None if v3 else MomentumQueue(queue_size, proj_output_dim)
         if freeze_patch_embed:
             patch_embed = getattr(self.backbone, "patch_embed", None)
             if patch_embed is None:
-                raise ValueError(f"freeze_patch_embed needs a ViT backbone with patch_embed, {kwargs.get('backbone')!r} has none")
+                raise ValueError(
+                    f"freeze_patch_embed needs a ViT backbone with patch_embed, {kwargs.get('backbone')!r} has none"
+                )
             patch_embed.requires_grad_(False)
         if sync_bn:
             self.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.backbone)
@@ -147,8 +153,10 @@ class MoCo(SSLMethod):
         if len(views) < 2:
             raise ValueError(f"MoCo needs 2 views per image, the data gave {len(views)}; use data.views: SimCLRViews")
         if views[0].shape[0] % self.bn_splits:
-            raise ValueError(f"the batch of {views[0].shape[0]} images does not split into model.bn_splits={self.bn_splits} "
-                             "equal BatchNorm groups; choose a bn_splits that divides data.batch_size")
+            raise ValueError(
+                f"the batch of {views[0].shape[0]} images does not split into model.bn_splits={self.bn_splits} "
+                "equal BatchNorm groups; choose a bn_splits that divides data.batch_size"
+            )
         # Queries, like keys, pass every BatchNorm (backbone and heads) in bn_splits groups.
         features = self._split_bn(self.encode, views[0])
         if self.mode == "v2":
@@ -160,6 +168,7 @@ class MoCo(SSLMethod):
             self.queue.enqueue(k)
             logs = {"pretext_top1": (logits.argmax(1) == 0).float().mean()}
         else:
+
             def query(f: torch.Tensor) -> torch.Tensor:
                 return self.predictor(self.projector(f))
 
@@ -174,7 +183,10 @@ class MoCo(SSLMethod):
     def on_fit_start(self) -> None:
         """Reject shuffle-BN when Lightning's ``trainer.sync_batchnorm`` already synchronises the statistics."""
         if self.shuffle_bn and any(isinstance(m, nn.SyncBatchNorm) for m in self.key_backbone.modules()):
-            raise ValueError("trainer.sync_batchnorm=true with model.shuffle_bn=true: use one (model.sync_bn replaces the trainer flag)")
+            raise ValueError(
+                "trainer.sync_batchnorm=true with model.shuffle_bn=true: "
+                "use one (model.sync_bn replaces the trainer flag)"
+            )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step the optimiser, then EMA-update the key encoder (once per real step, also with accumulation).

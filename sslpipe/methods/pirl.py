@@ -90,11 +90,15 @@ class PIRL(SSLMethod):
         n = getattr(datamodule, "num_train_samples", None)
         if self.memory is None:
             if n is None:
-                raise ValueError("PIRL's memory bank needs the number of training images: use SSLDataModule or set model.num_samples")
+                raise ValueError(
+                    "PIRL's memory bank needs the number of training images: use SSLDataModule or set model.num_samples"
+                )
             self.hparams["num_samples"] = n  # checkpoints then rebuild the bank (load_method)
             self._build_memory(n)
         elif n is not None and n != self.memory.size:
-            raise ValueError(f"model.num_samples={self.memory.size} but the pretraining data has {n} images; drop model.num_samples")
+            raise ValueError(
+                f"model.num_samples={self.memory.size} but the pretraining data has {n} images; drop model.num_samples"
+            )
         if stage == "fit" and self.hparams.num_negatives > self.num_negatives_used:
             rank_zero_info(
                 f"PIRL: num_negatives={self.hparams.num_negatives} exceeds the {self.num_negatives_used} other images "
@@ -114,9 +118,14 @@ class PIRL(SSLMethod):
     def ssl_step(self, views: list[torch.Tensor], indices: torch.Tensor) -> SSLOutput:
         """NCE/InfoNCE of ``g(jigsaw)`` and ``f(image)`` against the bank, then the bank's EMA update."""
         if len(views) < 2 or views[1].ndim != 5 or views[1].shape[1] != NUM_TILES:
-            raise ValueError("PIRL needs [image (B,3,S,S), tiles (B,9,3,t,t), ...] views; use data.views: sslpipe.augment.JigsawViews")
+            raise ValueError(
+                "PIRL needs [image (B,3,S,S), tiles (B,9,3,t,t), ...] views; "
+                "use data.views: sslpipe.augment.JigsawViews"
+            )
         if self.memory is None:
-            raise RuntimeError("PIRL's memory bank is not built: pass model.num_samples or train through a Trainer with SSLDataModule")
+            raise RuntimeError(
+                "PIRL's memory bank is not built: pass model.num_samples or train through a Trainer with SSLDataModule"
+            )
         images, tiles = views[0], views[1]
         b = images.shape[0]
         features = self.encode(images)
@@ -134,5 +143,9 @@ class PIRL(SSLMethod):
         loss, jig, img = self.criterion(jigsaw_emb, image_emb, positive, negatives, mask, log_z, self.memory.size)
         # The bank moves after the loss: m_I in this step's loss is the memory from earlier epochs.
         self.memory.update(indices, F.normalize(image_emb.detach().float(), dim=1))
-        logs = {"loss_jigsaw": jig.detach(), "loss_image": img.detach(), **contrastive_energies(jigsaw_emb.detach(), positive)}
+        logs = {
+            "loss_jigsaw": jig.detach(),
+            "loss_image": img.detach(),
+            **contrastive_energies(jigsaw_emb.detach(), positive),
+        }
         return SSLOutput(loss=loss, features=features, logs=logs)
