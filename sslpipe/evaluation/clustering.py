@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,14 +35,19 @@ def cluster_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
 
 
 def clustering_scores(
-    features: torch.Tensor, labels: torch.Tensor, num_clusters: int, seed: int = 0
+    features: torch.Tensor, labels: torch.Tensor, num_clusters: Optional[int] = None, seed: int = 0
 ) -> dict[str, float]:
-    """k-means on ``features`` scored against ``labels``: NMI, ARI and Hungarian accuracy (percent)."""
+    """k-means on ``features`` scored against ``labels``: NMI, ARI and Hungarian accuracy (percent).
+
+    Args:
+        num_clusters: k; ``None`` uses the number of distinct labels.
+    """
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     y = labels.long().numpy()
     keep = y >= 0
-    assign = kmeans_assign(features[torch.from_numpy(keep)], num_clusters, seed=seed)
+    k = num_clusters or len(np.unique(y[keep]))
+    assign = kmeans_assign(features[torch.from_numpy(keep)], k, seed=seed)
     y = y[keep]
     return {
         "kmeans_nmi": 100 * float(normalized_mutual_info_score(y, assign)),
