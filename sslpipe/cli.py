@@ -36,6 +36,51 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def expand_config_bases(argv: Sequence[str]) -> list[str]:
+    """Put each ``--config FILE``'s bases (its top-level ``config:`` key, relative to FILE) before it, recursively.
+
+    A config states only its own keys and names the file it builds on (``config: ../base/digits.yaml``).
+    jsonargparse applies such a nested file first, but then resets every section the outer file mentions to
+    the defaults; ``--config BASE --config FILE`` merges section by section. So a single ``--config FILE``
+    becomes ``--config BASE ... --config FILE``: LightningCLI's own composition of several files, in order.
+    """
+    out: list[str] = []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args):
+            path, i = args[i + 1], i + 2
+        elif arg.startswith("--config="):
+            path, i = arg.split("=", 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        for file in _config_chain(path, ()):
+            out += ["--config", file]
+    return out
+
+
+def _config_chain(path: str, seen: tuple[str, ...]) -> list[str]:
+    """``path`` preceded by its bases, most basic first."""
+    import os
+
+    import yaml
+
+    if path in seen:
+        raise ValueError(f"config files include each other in a loop: {' -> '.join((*seen, path))}")
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f)
+    except OSError:
+        return [path]  # jsonargparse reports a missing file in its own words
+    base = values.get("config") if isinstance(values, dict) else None
+    if not isinstance(base, str):
+        return [path]
+    return [*_config_chain(os.path.join(os.path.dirname(path), base), (*seen, path)), path]
+
+
 def usage() -> str:
     """The top-level help text, built from :data:`COMMANDS`."""
     lines = [f"usage: sslpipe {{{','.join(COMMANDS)}}} [options]", ""]
@@ -55,7 +100,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"sslpipe: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module, function = COMMANDS[command][0].split(":")
-    run_dir = getattr(importlib.import_module(module), function)(rest)
+    run_dir = getattr(importlib.import_module(module), function)(expand_config_bases(rest))
     if run_dir:
         from pytorch_lightning.utilities import rank_zero_only
 

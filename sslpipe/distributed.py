@@ -82,7 +82,7 @@ def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``N`` rows of the permuted batch, so BatchNorm statistics of the keys come from a random subset
     of images rather than the subset whose queries this rank holds. Pass the returned index to
     :func:`batch_unshuffle`. On one process the batch is only permuted (a no-op for BatchNorm over
-    the whole batch; see ``MoCo``'s ``bn_splits`` for the single-device equivalent).
+    the whole batch; see :mod:`sslpipe.batchnorm`'s split-BN for the single-device equivalent).
     """
     x_all = gather_no_grad(x)
     perm = torch.randperm(x_all.shape[0], device=x.device)

@@ -1,14 +1,15 @@
-"""Momentum (EMA) target networks shared by MoCo, BYOL, DINO-style methods.
+"""Momentum (EMA) target networks: MoCo's key encoder, and the teacher of BYOL/DINO-style methods.
 
-The target is a frozen copy of an online module that the optimiser never sees
-(``requires_grad=False`` keeps it out of :meth:`SSLMethod.configure_optimizers`); after each optimiser
-step its weights move towards the online weights, ``theta_t <- m * theta_t + (1 - m) * theta_o``.
+The target is a frozen copy of online modules that the optimiser never sees (``requires_grad=False``
+keeps it out of :meth:`SSLMethod.configure_optimizers`); after each optimiser step its weights move
+towards the online weights, ``theta_t <- m * theta_t + (1 - m) * theta_o``.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -57,3 +58,55 @@ def cosine_momentum(step: int, total: int, m0: float) -> float:
         raise ValueError(f"total steps must be > 0, got {total}")
     progress = min(max(step / total, 0.0), 1.0)
     return 1.0 - (1.0 - m0) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+class MomentumEncoder(nn.Sequential):
+    """The EMA copy of online modules applied in sequence (MoCo: backbone then projector), with its schedule.
+
+    ``MomentumEncoder({"backbone": net, "projector": head})`` holds frozen copies under the same names
+    (checkpoint keys ``<attr>.backbone.*``, ``<attr>.projector.*``) and keeps references to the online
+    modules, so :meth:`update` needs no arguments beyond the schedule's position.
+    :class:`~sslpipe.methods.SSLMethod` calls :meth:`update` on every momentum encoder it holds right
+    after each optimiser step, so a method only builds one and reads keys from it.
+
+    Args:
+        online: the modules to copy, in the order the forward pass applies them.
+        momentum: ``m`` (MoCo v2: 0.999), or its start ``m0`` with ``cosine`` (MoCo v3: 0.99).
+        cosine: raise ``m`` from ``momentum`` to 1 over training along a half cosine (MoCo v3, BYOL).
+    """
+
+    num_updates: torch.Tensor
+
+    def __init__(self, online: dict[str, nn.Module], momentum: float = 0.999, cosine: bool = False) -> None:
+        super().__init__(OrderedDict((name, momentum_copy(module)) for name, module in online.items()))
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        # Plain references, not submodules: the method owns and trains them; a list attribute is not registered.
+        self._online = list(online.values())
+        self.momentum = momentum
+        self.cosine = cosine
+        # Optimiser steps folded in so far: a checkpointed record (the schedule follows trainer.global_step).
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def momentum_at(self, step: int, total_steps: float) -> float:
+        """``m`` for the update after optimiser step ``step`` of ``total_steps`` (constant unless ``cosine``)."""
+        if not self.cosine or not math.isfinite(total_steps):
+            return self.momentum
+        return cosine_momentum(step, max(1, int(total_steps)), self.momentum)
+
+    @torch.no_grad()
+    def update(self, step: int, total_steps: float) -> float:
+        """Move every copy towards its online module with ``momentum_at(step, total_steps)``; return that ``m``."""
+        m = self.momentum_at(step, total_steps)
+        for target, online in zip(self, self._online):
+            ema_update_(target, online, m)
+        self.num_updates += 1
+        return m
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The target network's output for ``x`` (never differentiated)."""
+        return super().forward(x)
+
+    def extra_repr(self) -> str:
+        return f"momentum={self.momentum}, cosine={self.cosine}"

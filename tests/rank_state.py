@@ -14,7 +14,7 @@ class DumpRankState(pl.Callback):
     Writes ``<run dir>/state_rank<r>.pt``; the test checks that queues and memory banks end identical.
     """
 
-    NAMES = ("queue.queue", "queue.ptr", "key_step", "memory.bank", "nce_log_z")
+    NAMES = ("queue.queue", "queue.ptr", "key_encoder.num_updates", "memory.bank", "nce_log_z")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         if batch_idx == 0:  # after the module's on_train_start has derived the rank's random stream

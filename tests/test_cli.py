@@ -39,10 +39,21 @@ def _config(run_dir: str) -> dict:
         return yaml.safe_load(f)
 
 
-def _yaml_config() -> dict:
-    """The config file itself, so the tests follow its values as they change."""
-    with open(CONFIG) as f:
-        return yaml.safe_load(f)
+def _yaml_config(path: str = CONFIG) -> dict:
+    """A config's values with its ``config:`` bases merged under them (the tests follow them as they change)."""
+    with open(path) as f:
+        values = yaml.safe_load(f)
+    base = values.pop("config", None)
+    if base is None:
+        return values
+
+    def merge(low: dict, high: dict) -> dict:
+        out = dict(low)
+        for key, value in high.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return merge(_yaml_config(os.path.join(os.path.dirname(path), base)), values)
 
 
 def _checkpoint(run_dir: str) -> dict:
@@ -124,7 +135,7 @@ def test_knn_on_checkpoint(knn_runs, pretrained, runs_root):
     metrics = read_metrics(run_dir)
     assert metrics["method"] == "simclr" and metrics["random_init"] is False
     assert 0.0 <= metrics["knn_top1"] <= metrics["knn_top5"] <= 100.0
-    assert metrics["feature_dim"] == _checkpoint(pretrained)["state_dict"]["probe.weight"].shape[1]
+    assert metrics["feature_dim"] == _checkpoint(pretrained)["state_dict"]["probe.linear.weight"].shape[1]
     assert _config(run_dir)["checkpoint"].endswith("last.ckpt")
     # features are cached next to the checkpoint (train and val); --feature_cache picks another folder
     assert len(glob.glob(os.path.join(knn_runs["trained_cache"], "*.pt"))) == 2
@@ -228,6 +239,29 @@ def test_print_config(capsys, tmp_path):
     assert printed["data"]["image_size"] == 16
     assert printed["data"]["views"]["class_path"] == "sslpipe.augment.SimCLRViews"
     assert not os.path.exists(root)  # nothing ran
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+@pytest.mark.parametrize("config", sorted(p for p in glob.glob("configs/*/*.yaml") if "/base/" not in p))
+def test_every_config_composes_its_bases_and_parses(config, capsys):
+    """Each shipped config, read alone with --config, resolves to its own values over its bases' values."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--config", config, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = _leaves(yaml.safe_load(capsys.readouterr().out))
+    expected = _leaves(_yaml_config(config))
+    assert {k: printed.get(k) for k in expected} == {k: _normalise(v) for k, v in expected.items()}
+    assert printed["seed_everything"] == 0 and printed["trainer.default_root_dir"] == "runs"  # the code's defaults
+
+
+def _normalise(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 @pytest.fixture(scope="module")

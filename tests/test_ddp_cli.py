@@ -14,7 +14,7 @@ from tests.helpers import TINY
 CASES = {
     "simclr": ([], ()),
     # Shuffle-BN across the two ranks, and the queue filled with the keys of both.
-    "moco_v2": (["--model.init_args.bn_splits", "1"], ("queue.queue", "queue.ptr", "key_step")),
+    "moco_v2": (["--model.init_args.bn_splits", "1"], ("queue.queue", "queue.ptr", "key_encoder.num_updates")),
     # The memory bank written with both ranks' embeddings, and Z estimated from both.
     "pirl": (
         ["--data.image_size", "32", "--data.views.init_args.tile_size", "8", "--model.init_args.loss_form", "nce"],
@@ -74,8 +74,8 @@ def test_pretrain_ddp_two_cpu_processes(method, tmp_path):
     for name in shared:
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between the ranks"
     if method == "moco_v2":  # 2 steps x 2 ranks x 16 keys went in; DDP does not re-send the queue from rank 0
-        assert int(ranks[0]["queue.ptr"]) == 64 and int(ranks[0]["key_step"]) == 2
-        assert {"queue.queue", "queue.ptr", "key_step"} <= set(ranks[0]["ddp_ignored"])
+        assert int(ranks[0]["queue.ptr"]) == 64 and int(ranks[0]["key_encoder.num_updates"]) == 2
+        assert {"queue.queue", "queue.ptr", "key_encoder.num_updates"} <= set(ranks[0]["ddp_ignored"])
     if method == "pirl":  # the slots of both ranks' images moved away from their random start
         from sslpipe.memory import MemoryBank
 

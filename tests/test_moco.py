@@ -1,4 +1,4 @@
-"""MoCo: momentum update, frozen key encoder, InfoNCE losses, shuffle-BN, resume, end-to-end CLI."""
+"""MoCo v2/v3: momentum encoder, frozen key encoder, InfoNCE losses, shuffle-BN, resume, end-to-end CLI."""
 
 import math
 import os
@@ -26,11 +26,13 @@ SMALL = dict(
 )
 
 
-def _moco(**kwargs):
-    """A small MoCo (ResNet-18 at 16 px, narrow heads); ``kwargs`` override :data:`SMALL`."""
-    from sslpipe.methods import MoCo
+def _moco(mode: str = "v2", **kwargs):
+    """A small MoCo v2 or v3 (ResNet-18 at 16 px, narrow heads); ``kwargs`` override :data:`SMALL`."""
+    from sslpipe.methods import MoCoV2, MoCoV3
 
-    return MoCo(**{**SMALL, **kwargs})
+    if mode == "v2":
+        return MoCoV2(**{**{k: v for k, v in SMALL.items() if k != "pred_hidden_dim"}, **kwargs})
+    return MoCoV3(**{**SMALL, **kwargs})
 
 
 def _fake_trainer(global_step: int, total: int = 10) -> types.SimpleNamespace:
@@ -44,18 +46,20 @@ def test_momentum_update_follows_the_formula_after_each_optimiser_step():
         for p in list(model.backbone.parameters()) + list(model.projector.parameters()):
             p.add_(torch.randn_like(p))
         model.backbone.bn1.running_mean.add_(3.0)
-    key_before = [p.clone() for p in list(model.key_backbone.parameters()) + list(model.key_projector.parameters())]
+    key_before = [p.clone() for p in model.key_encoder.parameters()]
     online = [p.clone() for p in list(model.backbone.parameters()) + list(model.projector.parameters())]
-    model.key_step.fill_(3)
+    model.key_encoder.num_updates.fill_(3)
     model.trainer = _fake_trainer(global_step=3, total=10)  # three steps taken before this one
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no gradients: the step leaves the weights alone
     model.optimizer_step(0, 0, optimizer, lambda: None)
     m = 1 - (1 - 0.9) * (1 + math.cos(math.pi * 3 / 10)) / 2  # cosine schedule at step 3 of 10, written out
-    after = list(model.key_backbone.parameters()) + list(model.key_projector.parameters())
+    after = list(model.key_encoder.parameters())
+    assert len(after) == len(online)
     for k_new, k_old, q in zip(after, key_before, online):
         torch.testing.assert_close(k_new, m * k_old + (1 - m) * q)
-    assert torch.equal(model.key_backbone.bn1.running_mean, model.backbone.bn1.running_mean)  # buffers copied
-    assert int(model.key_step) == 4
+    # buffers copied
+    assert torch.equal(model.key_encoder.backbone.bn1.running_mean, model.backbone.bn1.running_mean)
+    assert int(model.key_encoder.num_updates) == 4
 
 
 def test_cosine_momentum_end_points_and_plain_ema():
@@ -73,11 +77,11 @@ def test_cosine_momentum_end_points_and_plain_ema():
 @pytest.mark.parametrize("mode", ["v2", "v3"])
 def test_key_encoder_gets_no_gradient_and_is_not_optimised(mode):
     torch.manual_seed(0)
-    model = _moco(mode=mode, queue_size=40, bn_splits=2)
+    model = _moco(mode=mode, bn_splits=2, **({"queue_size": 40} if mode == "v2" else {}))
     views = [torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)]
     out = model.ssl_step(views, torch.arange(8))
     out.loss.backward()
-    key_params = list(model.key_backbone.parameters()) + list(model.key_projector.parameters())
+    key_params = list(model.key_encoder.parameters())
     assert all(not p.requires_grad and p.grad is None for p in key_params)
     assert all(p.grad is not None for p in model.backbone.parameters())
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -201,7 +205,7 @@ def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path
             self.steps = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            self.steps.append((trainer.global_step, int(pl_module.key_step)))
+            self.steps.append((trainer.global_step, int(pl_module.key_encoder.num_updates)))
 
     def fit(max_epochs, ckpt_path=None, callbacks=()):
         torch.manual_seed(0)
@@ -227,12 +231,13 @@ def test_resume_continues_with_the_same_queue_pointer_and_momentum_step(tmp_path
     path = str(tmp_path / "step3.ckpt")
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["state_dict"]
-    assert int(saved["key_step"]) == 3 and int(saved["queue.ptr"]) == 3 * 16 % 50
+    assert int(saved["key_encoder.num_updates"]) == 3 and int(saved["queue.ptr"]) == 3 * 16 % 50
     recorder = RecordStateAtStart()
     _, resumed = fit(2, ckpt_path=path, callbacks=[recorder])
-    for name in ("queue.queue", "queue.ptr", "key_step", "key_backbone.conv1.weight", "key_projector.0.weight"):
+    names = ("queue.queue", "queue.ptr", "key_encoder.num_updates", "key_encoder.backbone.conv1.weight")
+    for name in (*names, "key_encoder.projector.0.weight"):
         assert torch.equal(recorder.state[name], saved[name]), name
-    assert int(resumed.key_step) == 6 and int(resumed.queue.ptr) == 6 * 16 % 50
+    assert int(resumed.key_encoder.num_updates) == 6 and int(resumed.queue.ptr) == 6 * 16 % 50
 
 
 @pytest.mark.parametrize("config", ["configs/moco_v2/digits.yaml", "configs/moco_v3/digits.yaml"])
@@ -258,7 +263,7 @@ def test_pretrain_then_knn_end_to_end(config, runs_dir):
     assert metrics["method"] == f"moco_{mode}" and metrics["global_step"] == 3
     assert os.path.basename(run_dir).endswith(f"pretrain-moco_{mode}-digits")
     state = torch.load(f"{run_dir}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
-    assert int(state["key_step"]) == 3
+    assert int(state["key_encoder.num_updates"]) == 3
     if "v2" in config:
         assert int(state["queue.ptr"]) == 3 * 32  # TINY's batch 32, three steps, queue of 1024
     eval_dir, _ = run_cli(
@@ -295,5 +300,7 @@ def test_key_encoder_moves_once_per_optimiser_step_with_gradient_accumulation():
         accelerator="cpu",
     )
     trainer.fit(model, SSLDataModule("digits", image_size=16, batch_size=8, num_workers=0))
-    assert trainer.global_step == 2 and int(model.key_step) == 2  # 4 batches, 2 optimiser steps, 2 EMA updates
+    assert (
+        trainer.global_step == 2 and int(model.key_encoder.num_updates) == 2
+    )  # 4 batches, 2 optimiser steps, 2 EMA updates
     assert int(model.queue.ptr) == 4 * 8  # every batch still enqueues its keys

@@ -102,7 +102,7 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     seed = 0 if cfg.seed_everything in (True, False) else int(cfg.seed_everything)
     seed_everything(seed, workers=True, verbose=False)
     model = load_method(cfg.checkpoint, random_init=cfg.random_init)
-    method = model.method_label(dict(model.hparams)) + ("-random" if cfg.random_init else "")
+    method = model.method_label() + ("-random" if cfg.random_init else "")
     data = SSLDataModule(**{k: v for k, v in cfg.data.as_dict().items() if k != "views"})
     run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:

@@ -2,9 +2,10 @@
 
 A method subclasses :class:`SSLMethod` and implements :meth:`SSLMethod.ssl_step`, which turns a
 batch of training views into a loss (and the backbone features the online probe should see).
-Everything else lives here: backbone construction, the online linear probe, optimiser and
-warm-up/cosine schedule (SGD, AdamW, LARS with bias/norm exclusion), logging, and the class path
-stored in checkpoints so evaluation can rebuild any method from a checkpoint file alone.
+Everything else lives here: backbone construction, the online probe component, optimiser and
+warm-up/cosine schedule (SGD, AdamW, LARS with bias/norm exclusion), the EMA update of any
+:class:`~sslpipe.momentum.MomentumEncoder` the method holds, logging, and the class path stored in
+checkpoints so evaluation can rebuild any method from a checkpoint file alone.
 """
 
 from __future__ import annotations
@@ -12,15 +13,15 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from sslpipe.backbones import build_backbone
+from sslpipe.momentum import MomentumEncoder
 from sslpipe.optim import OptimizerName, build_optimizer, param_groups, warmup_cosine
+from sslpipe.probe import OnlineProbe
 
 
 @dataclass
@@ -30,17 +31,17 @@ class SSLOutput:
     Attributes:
         loss: the self-supervised loss to minimise (scalar).
         features: backbone features ``(B, feature_dim)`` of one plain (unmasked) view, for the online
-            probe; the base class detaches them. ``None`` skips the probe's training step.
+            probe (which detaches them). ``None`` skips the probe's training step.
         logs: extra scalars to log under ``train/`` (energies, accuracies of the pretext task, ...).
     """
 
     loss: torch.Tensor
     features: Optional[torch.Tensor] = None
-    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 class SSLMethod(pl.LightningModule):
-    """Base LightningModule: backbone, online probe, optimiser/schedule and logging.
+    """Base LightningModule: backbone, online probe, optimiser/schedule, momentum encoders and logging.
 
     Args:
         backbone: timm name (``resnet18``, ``vit_tiny_patch16_224``, ...) or ``torchvision/<name>``.
@@ -58,8 +59,10 @@ class SSLMethod(pl.LightningModule):
         warmup_epochs: linear warm-up length (fractions allowed).
         min_lr_ratio: the cosine schedule ends at ``min_lr_ratio * lr``.
         exclude_bias_norm: no weight decay and no LARS adaptation for biases, norm weights, tokens.
-        online_probe: train a linear classifier on detached features during pretraining.
-        probe_lr: the probe's learning rate (its own group: no weight decay, no LARS, not scaled).
+        online_probe: train a linear classifier on detached features during pretraining
+            (:class:`~sslpipe.probe.OnlineProbe`, its own SGD optimiser and cosine schedule).
+        probe_lr: the probe's peak learning rate.
+        probe_batch_norm: affine-free BatchNorm before the probe's linear layer (MAE's recipe).
         channels_last: run the backbone in channels-last memory format (faster convolutions on
             CPUs with bf16 units and on tensor-core GPUs).
     """
@@ -82,6 +85,7 @@ class SSLMethod(pl.LightningModule):
         exclude_bias_norm: bool = True,
         online_probe: bool = True,
         probe_lr: float = 0.1,
+        probe_batch_norm: bool = False,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -92,23 +96,46 @@ class SSLMethod(pl.LightningModule):
         self.channels_last = channels_last
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
-        self.probe = nn.Linear(self.feature_dim, num_classes) if online_probe else None
+        self.probe: Optional[OnlineProbe] = None
+        if online_probe and num_classes > 0:
+            self.probe = OnlineProbe(self.feature_dim, num_classes, lr=probe_lr, batch_norm=probe_batch_norm)
+            # The probe all-reduces its own gradients (it is not part of the loss DDP differentiates).
+            self._ddp_params_and_buffers_to_ignore = [f"probe.{n}" for n, _ in self.probe.named_parameters()]
+
+    #: The name runs, metrics and reports use (and the folder under configs/); default: the class name, lower case.
+    label: ClassVar[str] = ""
 
     @classmethod
-    def method_label(cls, hparams: dict[str, Any]) -> str:
-        """The name runs, metrics and reports use for this method with these hyper-parameters."""
-        return cls.__name__.lower()
+    def method_label(cls) -> str:
+        """The name runs, metrics and reports use for this method."""
+        return cls.label or cls.__name__.lower()
+
+    def ignore_in_ddp(self, *names: str) -> None:
+        """Keep parameters/buffers out of DDP's gradient reduction and buffer broadcast (state every rank
+        updates identically on its own, such as queues and memory banks)."""
+        self._ddp_params_and_buffers_to_ignore = [*getattr(self, "_ddp_params_and_buffers_to_ignore", []), *names]
 
     # ------------------------------------------------------------------ what subclasses use
-    def encode(self, images: torch.Tensor, backbone: Optional[nn.Module] = None) -> torch.Tensor:
-        """Features ``(B, feature_dim)`` of a batch of images from ``backbone`` (default: the trained one)."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return (self.backbone if backbone is None else backbone)(images)
+    def memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` in the backbone's memory format (channels-last when configured)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features ``(B, feature_dim)`` of a batch of images."""
+        return self.backbone(self.memory_format(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features used by evaluation (linear probe, kNN); subclasses may choose another pooling."""
         return self.encode(images)
+
+    def two_views(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first two views of a multi-view batch, with a clear error when the data gave fewer."""
+        if len(views) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs 2 views per image, the data gave {len(views)}; "
+                "use data.views: sslpipe.augment.SimCLRViews"
+            )
+        return views[0], views[1]
 
     def ssl_step(self, views: Any, indices: torch.Tensor) -> SSLOutput:
         """Compute the self-supervised loss for one batch of training views.
@@ -123,72 +150,81 @@ class SSLMethod(pl.LightningModule):
     def global_batch_size(self) -> int:
         """Images per optimiser step over all devices (per-device batch x devices x accumulation)."""
         trainer = self.trainer
-        per_device = (
-            trainer.datamodule.batch_size if trainer.datamodule is not None else trainer.train_dataloader.batch_size
-        )
+        dm = trainer.datamodule
+        per_device = dm.batch_size if dm is not None else trainer.train_dataloader.batch_size
         return per_device * trainer.world_size * trainer.accumulate_grad_batches
+
+    @property
+    def total_steps(self) -> float:
+        """Optimiser steps of the whole run (``inf`` outside a trainer or for an unbounded run)."""
+        return float(self.trainer.estimated_stepping_batches) if self._trainer is not None else float("inf")
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: tuple[Any, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Self-supervised loss plus the online probe's loss on detached features."""
+        """The self-supervised loss (returned for Lightning's backward) and one online-probe step."""
         views, labels, indices = batch
         out = self.ssl_step(views, indices)
         batch_size = labels.shape[0]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
-        loss = out.loss
         if self.probe is not None and out.features is not None:
-            logits = self.probe(out.features.detach().float())
-            # STL-10's unlabeled images carry label -1: the probe skips them.
-            probe_loss = F.cross_entropy(logits, labels, ignore_index=-1)
-            if torch.isfinite(probe_loss):
-                loss = loss + probe_loss
-                self.log("train/online_probe_loss", probe_loss, batch_size=batch_size)
-        return loss
+            total = self.total_steps
+            total = int(total) if math.isfinite(total) else self.trainer.global_step + 1
+            probe_loss = self.probe.training_step(out.features, labels, self.trainer.global_step, total)
+            self.log("train/online_probe_loss", probe_loss, batch_size=batch_size)
+        return out.loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Online probe top-1 on the validation split (the number solo-learn reports during training)."""
         if self.probe is None:
             return
         images, labels = batch
-        logits = self.probe(self(images).float())
-        top1 = (logits.argmax(1) == labels).float().mean()
+        top1 = (self.probe(self(images)).argmax(1) == labels).float().mean()
         self.log("val/online_linear_top1", top1, prog_bar=True, sync_dist=True, batch_size=labels.shape[0])
 
     def configure_optimizers(self) -> Any:
-        """Optimiser over all trainable parameters (momentum encoders have ``requires_grad=False``)."""
+        """Optimiser over the trainable parameters but the probe's (momentum encoders have ``requires_grad=False``)."""
         hp = self.hparams
         lr = hp.base_lr * self.global_batch_size / hp.lr_reference_batch
         groups = param_groups(self, hp.weight_decay, hp.exclude_bias_norm, prefix_excluded=("probe.",))
-        if self.probe is not None:
-            groups.append(
-                {"params": list(self.probe.parameters()), "weight_decay": 0.0, "lars_exclude": True, "lr": hp.probe_lr}
-            )
         optimizer = build_optimizer(hp.optimizer, groups, lr=lr, momentum=hp.momentum, betas=tuple(hp.betas))
-        estimated = self.trainer.estimated_stepping_batches
-        if not math.isfinite(estimated):
+        total = self.total_steps  # public API; it loads the train loader when epochs bound the run
+        if not math.isfinite(total):
             raise ValueError(
                 "the warm-up + cosine schedule needs a finite run: set trainer.max_epochs or trainer.max_steps"
             )
-        total = max(1, int(estimated))
-        # Steps per epoch from the loader, not total / max_epochs: max_steps may end training first.
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
-        steps_per_epoch = (
-            math.ceil(batches / self.trainer.accumulate_grad_batches)
-            if math.isfinite(batches)
-            else total / max(1, self.trainer.max_epochs or 1)
-        )
+        if not math.isfinite(batches):  # a max_steps-only run: the loader was not needed to count steps
+            batches = len(self.trainer.datamodule.train_dataloader()) // self.trainer.world_size
+        # Steps per epoch from the loader, not total / max_epochs: max_steps may end training first.
+        steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
         warmup = int(hp.warmup_epochs * steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, total, hp.min_lr_ratio)
+            optimizer, lambda step: warmup_cosine(step, warmup, int(total), hp.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step the optimiser, then EMA-update every momentum encoder (once per real step, also with accumulation).
+
+        Inside the optimiser step, not in a batch-end hook: checkpoint callbacks run at batch end before
+        the module's hook, and a checkpoint taken there must already hold this step's target network.
+        Caveats: with ``16-mixed`` a step that the gradient scaler skips still moves the targets (towards
+        unchanged weights), and strategies that accumulate gradients themselves (DeepSpeed) call this
+        hook per micro-batch.
+        """
+        super().optimizer_step(*args, **kwargs)
+        for encoder in self.momentum_encoders():
+            # global_step (a Python int, restored on resume) counts the optimiser steps before this update.
+            encoder.update(self.trainer.global_step, self.total_steps)
+
+    def momentum_encoders(self) -> list[MomentumEncoder]:
+        """The :class:`MomentumEncoder` submodules, updated after every optimiser step."""
+        return [m for m in self.modules() if isinstance(m, MomentumEncoder)]
+
     def on_train_start(self) -> None:
-        """Give each rank, and each resumed run, its own random stream (masks, noise, sampled negatives).
+        """Give each rank, and each resumed run, its own random stream; give every rank the same probe.
 
         ``seed_everything`` seeds every rank alike, so rank r would draw the same MAE mask or PIRL
         negatives for its i-th image as every other rank, and the global batch would see W times fewer
@@ -200,7 +236,17 @@ class SSLMethod(pl.LightningModule):
         rank, step = self.global_rank, self.trainer.global_step
         if base is not None and (rank or step):
             torch.manual_seed((int(base) + 1_000_003 * rank + 7_919 * step) % 2**63)
+        if self.probe is not None:
+            self.probe.sync_parameters()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the class so :func:`sslpipe.methods.load_method` can rebuild it from the file alone."""
+        """Record the class (so :func:`sslpipe.methods.load_method` can rebuild it) and the probe's optimiser."""
         checkpoint["sslpipe_method"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.probe is not None:
+            checkpoint["online_probe_optimizer"] = self.probe.optimizer.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the online probe's optimiser state (momentum buffers) on resume."""
+        state = checkpoint.get("online_probe_optimizer")
+        if self.probe is not None and state is not None:
+            self.probe.optimizer.load_state_dict(state)

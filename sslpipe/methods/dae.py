@@ -20,10 +20,7 @@ class DenoisingAutoencoder(MaskedImageModel):
         **kwargs: :class:`MaskedImageModel` and :class:`SSLMethod` arguments.
     """
 
-    @classmethod
-    def method_label(cls, hparams: dict[str, Any]) -> str:
-        """``dae``, as in ``configs/dae/``."""
-        return "dae"
+    label = "dae"
 
     def __init__(self, noise_std: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -40,5 +37,5 @@ class DenoisingAutoencoder(MaskedImageModel):
         return Prediction(self.head(tokens[:, 1:]), patchify(noisy, self.patch_size), None, tokens)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """MSE against the clean image on all patches."""
-        return masked_mse_loss(pred, target, None)
+        """MSE against the clean image on the scored patches (every patch: :meth:`predict` gives no mask)."""
+        return masked_mse_loss(pred, target, mask)

@@ -25,10 +25,7 @@ class MaskedAutoencoder(MaskedImageModel):
         **kwargs: :class:`MaskedImageModel` and :class:`SSLMethod` arguments.
     """
 
-    @classmethod
-    def method_label(cls, hparams: dict[str, Any]) -> str:
-        """``mae``, as in ``configs/mae/``."""
-        return "mae"
+    label = "mae"
 
     def __init__(
         self,

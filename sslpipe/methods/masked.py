@@ -37,15 +37,12 @@ class Prediction(NamedTuple):
         corrupted: ``(B, L, p*p*3)`` what the model was shown (hidden patches zeroed), for display.
         mask: ``(B, L)`` 1 on the patches the loss scores; ``None`` scores all (denoising).
         tokens: ``(B, 1 + T, D)`` encoder output (class token first) the online probe pools.
-        mask_token_positions: ``(B, T)`` 1 where ``tokens[:, 1:]`` holds a mask token (SimMIM), so the
-            probe's mean leaves them out; ``None`` when every token comes from a real patch.
     """
 
     patches: torch.Tensor
     corrupted: torch.Tensor
     mask: Optional[torch.Tensor]
     tokens: torch.Tensor
-    mask_token_positions: Optional[torch.Tensor] = None
 
 
 class MaskedImageModel(SSLMethod):
@@ -53,7 +50,11 @@ class MaskedImageModel(SSLMethod):
 
     The online probe trains on the pooled encoder output the training step computes anyway (detached):
     for MAE that is the visible patches only, a free but pessimistic proxy of the full-image features
-    the validation probe sees through :meth:`forward`. It sits behind a non-affine BatchNorm, as in MAE.
+    the validation probe sees through :meth:`forward`. It sits behind a non-affine BatchNorm, as in MAE
+    (``probe_batch_norm``, on by default here).
+
+    Subclasses set ``encoder_sees_mask_tokens`` when hidden patches enter the encoder as mask tokens
+    (SimMIM): the mask then also marks the token positions the probe's mean pooling leaves out.
 
     Args:
         pool: features for evaluation and the online probe: the ``cls`` token or the ``mean`` of the patch tokens.
@@ -62,8 +63,13 @@ class MaskedImageModel(SSLMethod):
         reconstruction_images: how many validation images those grids show.
         backbone: a timm ViT name; set ``backbone_kwargs: {patch_size: 4}`` for 32-px images.
         optimizer: AdamW, as in MAE and SimMIM.
+        probe_batch_norm: the online probe's affine-free BatchNorm (MAE's linear-probe recipe). Reconstruction
+            features share a large common offset with tiny per-sample spread (measured on digits: mean norm 14,
+            per-dim std 0.08); a bare linear layer stays at chance on them.
         **kwargs: the shared :class:`SSLMethod` arguments.
     """
+
+    encoder_sees_mask_tokens = False
 
     def __init__(
         self,
@@ -72,9 +78,10 @@ class MaskedImageModel(SSLMethod):
         reconstruction_images: int = 8,
         backbone: str = "vit_tiny_patch16_224",
         optimizer: OptimizerName = "adamw",
+        probe_batch_norm: bool = True,
         **kwargs: Any,
     ) -> None:
-        super().__init__(backbone=backbone, optimizer=optimizer, **kwargs)
+        super().__init__(backbone=backbone, optimizer=optimizer, probe_batch_norm=probe_batch_norm, **kwargs)
         vit = self.backbone
         if (
             not all(hasattr(vit, a) for a in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm"))
@@ -102,11 +109,6 @@ class MaskedImageModel(SSLMethod):
         # Fixed sin-cos positions (MAE): nothing for the mask tokens to learn a shortcut from, and no
         # gradient, so the optimiser (which takes requires_grad parameters only) leaves them alone.
         vit.pos_embed = nn.Parameter(sincos_pos_embed_2d(self.feature_dim, self.grid), requires_grad=False)
-        if self.probe is not None:
-            # MAE's linear-probe recipe: BatchNorm without affine before the classifier. Reconstruction
-            # features share a large common offset with tiny per-sample spread (measured on digits: mean
-            # norm 14, per-dim std 0.08); a bare linear layer trained by Adam stays at chance on them.
-            self.probe = nn.Sequential(nn.BatchNorm1d(self.feature_dim, affine=False), self.probe)
         self.reconstruction_every_n_epochs = reconstruction_every_n_epochs
         self.reconstruction_images = reconstruction_images
 
@@ -160,7 +162,8 @@ class MaskedImageModel(SSLMethod):
         images = views[0]
         out = self.predict(images)
         loss = self.loss(out.patches, patchify(images, self.patch_size), out.mask)
-        return SSLOutput(loss=loss, features=self.pooled(out.tokens, out.mask_token_positions))
+        hidden_tokens = out.mask if self.encoder_sees_mask_tokens else None
+        return SSLOutput(loss=loss, features=self.pooled(out.tokens, hidden_tokens))
 
     @torch.no_grad()
     def reconstruct(

@@ -73,7 +73,7 @@ class PIRL(SSLMethod):
         if num_samples is not None:
             self._build_memory(num_samples)
         # Every rank applies every update, so the banks agree without DDP re-broadcasting them each step.
-        self._ddp_params_and_buffers_to_ignore = ["memory.bank"]
+        self.ignore_in_ddp("memory.bank")
 
     def _build_memory(self, num_samples: int) -> None:
         hp = self.hparams

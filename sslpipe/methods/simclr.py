@@ -40,11 +40,10 @@ class SimCLR(SSLMethod):
 
     def ssl_step(self, views: list[torch.Tensor], indices: Optional[torch.Tensor] = None) -> SSLOutput:
         """NT-Xent between the projections of the first two views."""
-        if len(views) < 2:
-            raise ValueError(f"SimCLR needs 2 views per image, the data gave {len(views)}; use data.views: SimCLRViews")
-        n = views[0].shape[0]
+        x1, x2 = self.two_views(views)
+        n = x1.shape[0]
         # One backbone pass over both views: half the kernel launches, and BN sees 2N images as in the paper.
-        features = self.encode(torch.cat(views[:2]))
+        features = self.encode(torch.cat([x1, x2]))
         z = self.projector(features)
         z1, z2 = z[:n], z[n:]
         loss = nt_xent_loss(z1, z2, self.temperature, gather=self.gather_negatives)

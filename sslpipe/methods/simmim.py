@@ -22,6 +22,8 @@ class SimMIM(MaskedImageModel):
         **kwargs: :class:`MaskedImageModel` and :class:`SSLMethod` arguments.
     """
 
+    encoder_sees_mask_tokens = True
+
     def __init__(self, mask_ratio: float = 0.6, mask_block_size: int = 2, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         block_masking(1, self.grid, mask_block_size, mask_ratio)  # fails early on a bad ratio or block
@@ -36,7 +38,7 @@ class SimMIM(MaskedImageModel):
         mask = block_masking(images.shape[0], self.grid, self.mask_block_size, self.mask_ratio, self.device, generator)
         tokens = self.run_encoder(self.embed_patches(images, mask, self.mask_token))
         corrupted = patchify(images, self.patch_size) * (1 - mask.unsqueeze(-1))
-        return Prediction(self.head(tokens[:, 1:]), corrupted, mask, tokens, mask_token_positions=mask)
+        return Prediction(self.head(tokens[:, 1:]), corrupted, mask, tokens)
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """L1 on the hidden patches."""
