@@ -124,3 +124,15 @@ def test_placement_flag_and_fp32():
     holder.to("meta")  # stands in for an accelerator: the flagged bank stays in host memory
     assert holder.gpu_like.bank.device.type == "meta" and holder.host.bank.device.type == "cpu"
     torch.testing.assert_close(holder.host.get(torch.tensor([1, 3])), holder.host.bank[[1, 3]])
+
+
+def test_many_repeated_indices_each_take_their_first_occurrence():
+    bank = MemoryBank(10, 3, momentum=0.4, seed=0)
+    old = bank.bank.clone()
+    indices = [4, 1, 4, 9, 1, 4, 0]
+    emb = _unit_rows(len(indices), 3, seed=2)
+    bank.update(torch.tensor(indices), emb)
+    for slot in set(indices):
+        first = indices.index(slot)  # the reference: a plain search for the first position
+        expected = torch.tensor(_ema_row(old[slot].tolist(), emb[first].tolist(), 0.4))
+        torch.testing.assert_close(bank.bank[slot], expected)

@@ -90,3 +90,13 @@ def test_queue_stays_fp32_when_the_model_is_cast():
     assert model[0].weight.dtype == torch.bfloat16  # the rest of the model was cast
     assert queue.queue.dtype == torch.float32 and torch.equal(queue.queue, before)
     assert queue.ptr.dtype == torch.long
+
+
+def test_a_loaded_pointer_is_where_the_next_keys_go():
+    saved = MomentumQueue(size=10, dim=4, seed=1)
+    saved.enqueue(torch.randn(7, 4))
+    fresh = MomentumQueue(size=10, dim=4, seed=2)
+    fresh.load_state_dict(saved.state_dict())
+    keys = torch.randn(2, 4)
+    fresh.enqueue(keys)
+    assert torch.equal(fresh.queue[7:9], keys) and int(fresh.ptr) == 9

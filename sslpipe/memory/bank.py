@@ -7,16 +7,14 @@ rank applies every rank's updates, so the banks stay bit-identical without being
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sslpipe.distributed import gather_no_grad
+from sslpipe.memory.state import StepState
 
 
-class MemoryBank(nn.Module):
+class MemoryBank(StepState):
     """``(size, dim)`` fp32 buffer ``bank`` of unit vectors with EMA updates and negative sampling.
 
     Args:
@@ -30,6 +28,7 @@ class MemoryBank(nn.Module):
     """
 
     bank: torch.Tensor
+    fp32_buffers = ("bank",)
 
     def __init__(self, size: int, dim: int, momentum: float = 0.5, on_cpu: bool = False, seed: int = 0) -> None:
         super().__init__()
@@ -38,7 +37,7 @@ class MemoryBank(nn.Module):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
-        self.on_cpu = on_cpu
+        self.stays_on_cpu = on_cpu
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("bank", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
 
@@ -46,20 +45,6 @@ class MemoryBank(nn.Module):
     def size(self) -> int:
         """Number of slots."""
         return self.bank.shape[0]
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        # .to(device) / .half() reach buffers through _apply. The bank is taken out first so that a
-        # CPU bank never makes a transient copy on the accelerator, and it stays fp32 whatever the
-        # model's dtype (EMA steps between unit vectors need the precision).
-        bank = self._buffers.pop("bank")
-        try:
-            out = super()._apply(fn, recurse)
-        finally:
-            if not self.on_cpu:
-                moved = fn(bank)
-                bank = moved if moved.dtype == torch.float32 else bank.to(moved.device)
-            self._buffers["bank"] = bank
-        return out
 
     def get(self, indices: torch.Tensor) -> torch.Tensor:
         """Rows ``indices`` (any device) as an fp32 tensor on ``indices``' device."""
@@ -89,15 +74,22 @@ class MemoryBank(nn.Module):
     def update(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:
         """EMA-update slots ``indices`` with ``embeddings`` (unit vectors) from every rank, then renormalise.
 
-        Indices repeated in the gathered batch (DistributedSampler pads the last batches by
-        repeating samples) keep their first occurrence, so every rank writes the same values.
+        Indices repeated in the gathered batch (DistributedSampler pads the last batches by repeating
+        samples) take the embedding of their first occurrence, so every write to a slot carries the same
+        value and every rank ends with the same bank. Fixed shapes throughout (a stable sort finds first
+        occurrences): no ``torch.unique``, whose data-dependent output size would stall the GPU every step.
+        A bank kept on the CPU (``on_cpu``) costs one device-to-host copy of the batch's rows instead.
         """
         idx = gather_no_grad(indices.long().contiguous())
         emb = gather_no_grad(embeddings.detach().float().contiguous())
-        uniq, inverse = torch.unique(idx, return_inverse=True)
-        position = torch.arange(idx.numel(), device=idx.device)
-        first = torch.full_like(uniq, idx.numel()).scatter_reduce(0, inverse, position, reduce="amin")
-        idx = idx[first].to(self.bank.device)
-        emb = emb[first].to(self.bank.device)
+        n = idx.numel()
+        sorted_idx, order = torch.sort(idx, stable=True)  # equal slots keep their batch order
+        run_starts = torch.ones(n, dtype=torch.bool, device=idx.device)
+        run_starts[1:] = sorted_idx[1:] != sorted_idx[:-1]
+        positions = torch.arange(n, device=idx.device)
+        run_start = torch.cummax(torch.where(run_starts, positions, 0), dim=0).values  # in sorted order
+        first = torch.empty_like(order)
+        first[order] = order[run_start]  # for each batch position: the position of its slot's first occurrence
+        idx, emb = idx.to(self.bank.device), emb[first].to(self.bank.device)
         mixed = self.momentum * self.bank[idx] + (1.0 - self.momentum) * emb
         self.bank[idx] = F.normalize(mixed, dim=1)

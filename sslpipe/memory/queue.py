@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from sslpipe.distributed import gather_no_grad
+from sslpipe.memory.state import StepState
 
 
-class MomentumQueue(nn.Module):
+class MomentumQueue(StepState):
     """A ring buffer of the ``size`` most recent keys (the negatives of MoCo v1/v2).
 
     ``queue`` ``(size, dim)`` and ``ptr`` (next row to overwrite) are registered buffers, so they go
-    into the checkpoint and a resumed run continues with the same contents and position. Under
+    into the checkpoint and a resumed run continues with the same contents and position. The pointer is also
+    mirrored as a Python int, so writing the keys needs no device-to-host read of ``ptr`` (a GPU sync) per
+    step; the mirror is refreshed when a state dict is loaded. The queue stays fp32 (:class:`StepState`). Under
     torch.distributed :meth:`enqueue` first gathers every rank's keys (rank order), so all ranks
     write the same rows and hold the same queue. ``size`` need not be a multiple of the global batch:
     a write that crosses the end is split and continues at row 0.
@@ -34,19 +34,13 @@ class MomentumQueue(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("queue", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self._ptr = 0  # host mirror of ptr
+        self.register_load_state_dict_post_hook(lambda module, keys: module._sync_pointer())
 
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
-        # Moves reach the queue, casts do not: under "bf16-true"/"16-true" the model's buffers are cast,
-        # but keys compared at temperature 0.2 need fp32 (bf16 keeps ~3 significant digits).
-        queue = self._buffers.pop("queue")
-        try:
-            out = super()._apply(fn, recurse)
-        except BaseException:
-            self._buffers["queue"] = queue
-            raise
-        moved = fn(queue)
-        self._buffers["queue"] = moved if moved.dtype == torch.float32 else queue.to(moved.device)
-        return out
+    fp32_buffers = ("queue",)
+
+    def _sync_pointer(self) -> None:
+        self._ptr = int(self.ptr)  # once per load, not per step
 
     @property
     def size(self) -> int:
@@ -64,7 +58,7 @@ class MomentumQueue(nn.Module):
             raise ValueError(f"keys must be (N, {self.queue.shape[1]}), got {tuple(keys.shape)}")
         keys = (gather_no_grad(keys) if gather else keys).detach().to(self.queue.dtype)
         n, size = keys.shape[0], self.size
-        start = int(self.ptr)
+        start = self._ptr
         if n >= size:  # only the newest `size` keys survive; they start where key n - size would go
             start = (start + n - size) % size
             keys = keys[n - size :]
@@ -72,7 +66,8 @@ class MomentumQueue(nn.Module):
         head = min(m, size - start)
         self.queue[start : start + head] = keys[:head]
         self.queue[: m - head] = keys[head:]  # the wrapped remainder (empty when nothing wraps)
-        self.ptr.fill_((start + m) % size)
+        self._ptr = (start + m) % size
+        self.ptr.fill_(self._ptr)
 
     def extra_repr(self) -> str:
         return f"size={self.queue.shape[0]}, dim={self.queue.shape[1]}"
