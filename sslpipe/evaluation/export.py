@@ -285,7 +285,14 @@ def export_backbone(checkpoint: str, output: str, format: Optional[ExportFormat]
     tmp = f"{output}.tmp{os.getpid()}"
     try:
         save_file(state, tmp, metadata={"format": "pt", "library": spec.library, "model": spec.name})
-        check_features(method, build_from_snippet(load_snippet(spec, tmp)), int(method.hparams.image_size))
+        try:
+            plain = build_from_snippet(load_snippet(spec, tmp))
+        except RuntimeError as err:  # strict loading failed: the card's recipe does not rebuild this backbone
+            raise RuntimeError(
+                f"{spec.library} model {spec.name!r} built with {spec.kwargs} does not take the exported weights "
+                f"strictly, so the export was refused: {err}"
+            ) from None
+        check_features(method, plain, int(method.hparams.image_size))
         os.replace(tmp, output)
     finally:
         if os.path.exists(tmp):
