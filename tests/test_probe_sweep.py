@@ -265,3 +265,17 @@ def test_linear_command_with_augmentation(tmp_path):
     assert 0.0 <= metrics["linear_top1"] <= metrics["linear_top5"] <= 100.0
     cached = [f for f in os.listdir(tmp_path / "run" / "features") if f.endswith(".pt")]
     assert len(cached) == 2  # centre-crop train and val features (standardisation, held-out and val scores)
+
+
+def test_bench_probe_runs_at_a_tiny_size():
+    """scripts/bench_probe.py works end to end (its timings are only meaningful on an idle machine)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_probe.py")
+    spec = importlib.util.spec_from_file_location("bench_probe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.run(n=200, d=8, classes=3, probes=3, epochs=1, device="cpu", batch_size=64)
+    assert set(out) == {"batched_s", "sequential_s", "ratio", "settings"}
+    assert out["batched_s"] > 0 and out["ratio"] == pytest.approx(out["sequential_s"] / out["batched_s"])
+    assert out["settings"]["probes"] == 3

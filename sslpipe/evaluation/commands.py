@@ -128,31 +128,35 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     model = load_method(cfg.checkpoint, random_init=cfg.random_init)
     method = model.method_label(dict(model.hparams)) + ("-random" if cfg.random_init else "")
     data = SSLDataModule(**{k: v for k, v in cfg.data.as_dict().items() if k != "views"})
+    use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+    device = _init_distributed(use_cuda)
     run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)
     if _is_main():
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(parser.dump(cfg, skip_none=False))
 
-    use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    device = _init_distributed(use_cuda)
     precision = str(cfg.trainer.precision or "32-true")
     cache_dir = cfg.feature_cache or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), "..", "features")
     if cfg.feature_cache is not None and cfg.feature_cache.lower() == "none":  # None (unset): the default folder
         cache_dir = None
 
     def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = feature_cache_key(
-            cfg.checkpoint,
-            memo_dir=cache_dir,
-            random_init=cfg.random_init,
-            seed=seed,
-            split=split,
-            dataset=data.dataset,
-            root=os.path.abspath(data.root),
-            image_size=data.image_size,
-            precision=precision,
-        )
         loader = data.eval_dataloader(split)
+        if cache_dir is None:
+            return extract_features(model, loader, device, precision, desc=f"{split} features")
+        key = ""  # rank 0 alone reads and writes the cache, and hashes the checkpoint for its key
+        if _is_main():
+            key = feature_cache_key(
+                cfg.checkpoint,
+                memo_dir=cache_dir,
+                random_init=cfg.random_init,
+                seed=seed,
+                split=split,
+                dataset=data.dataset,
+                root=os.path.abspath(data.root),
+                image_size=data.image_size,
+                precision=precision,
+            )
         return cached_features(
             cache_dir, key, lambda: extract_features(model, loader, device, precision, desc=f"{split} features")
         )
