@@ -370,3 +370,48 @@ def test_effective_rank():
     assert effective_rank(rank_one).item() == pytest.approx(1.0, abs=1e-3)
     rank_four = torch.randn(4000, 4, generator=g) @ torch.linalg.qr(torch.randn(d, 4, generator=g))[0].T
     assert effective_rank(rank_four).item() == pytest.approx(4.0, abs=0.2)
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: two interpreters start and import torch, timm, Lightning
+@pytest.mark.distributed
+def test_knn_command_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m sslpipe.cli knn`: 2 ranks extract, rank 0 caches and scores as 1 process."""
+    import glob
+    import json
+    import subprocess
+    import sys
+
+    from sslpipe.methods import SimCLR
+    from tests.checkpoints import perturb_, save_method_checkpoint
+    from tests.helpers import read_metrics, run_cli
+
+    torch.manual_seed(0)
+    method = perturb_(SimCLR(backbone="resnet10t", image_size=8, proj_hidden_dim=16, proj_output_dim=8))
+    ckpt = save_method_checkpoint(method, str(tmp_path / "model.ckpt"))
+    common = ["knn", "--checkpoint", ckpt, "--data.num_workers", "0", "--data.eval_batch_size", "256"]
+    common += ["--trainer.precision", "32-true", "--knn.backend", "torch"]
+    env = {k: v for k, v in os.environ.items() if k != "SSLPIPE_RUN_DIR"}
+    env.update(OMP_NUM_THREADS="1", SSLPIPE_RUN_ID="knn2", PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    proc = subprocess.run(
+        [*launcher, "sslpipe.cli", *common, "--trainer.default_root_dir", str(tmp_path / "runs2")]
+        + ["--feature_cache", str(tmp_path / "cache2")],
+        capture_output=True, text=True, env=env, timeout=300, cwd=os.path.join(os.path.dirname(__file__), ".."),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = proc.stdout.strip().splitlines()[-1]  # printed once, by rank 0
+    assert os.listdir(tmp_path / "runs2") == [os.path.basename(run_dir)]
+    single, _ = run_cli(
+        [*common, "--trainer.default_root_dir", str(tmp_path / "runs1"), "--feature_cache", str(tmp_path / "cache1")]
+    )
+    two, one = read_metrics(run_dir), read_metrics(single)
+    assert two["knn_top1"] == one["knn_top1"] and two["knn_top5"] == one["knn_top5"]
+    for split_rows in (1437, 360):
+        got, want = [
+            next(d for d in map(torch.load, glob.glob(f"{tmp_path}/{c}/*.pt")) if len(d["labels"]) == split_rows)
+            for c in ("cache2", "cache1")
+        ]
+        assert torch.equal(got["labels"], want["labels"])
+        torch.testing.assert_close(got["features"].float(), want["features"].float(), rtol=2e-3, atol=2e-3)
+    with open(tmp_path / "cache2" / "checkpoint_digests.json") as f:
+        assert len(json.load(f)) == 1  # rank 0 hashed the checkpoint once
