@@ -25,6 +25,7 @@ Two protocols:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -339,34 +340,14 @@ def train_linear_probe(
 
     lrs_grid, wds_grid = [lr for lr, _ in grid], [wd for _, wd in grid]
     if not augment:
+        train = partial(
+            fit_linear_probes, train_features, train_labels, num_classes, epochs=epochs, batch_size=batch_size,
+            seed=seed, device=device, moments=moments,
+        )  # fmt: skip
         if hold is not None:
-            probes = fit_linear_probes(
-                train_features,
-                train_labels,
-                num_classes,
-                lrs_grid,
-                wds_grid,
-                epochs,
-                batch_size,
-                seed,
-                device,
-                fit,
-                moments,
-            )
+            probes = train(lrs_grid, wds_grid, rows=fit)
             best = record(probes.accuracy(train_features[hold], train_labels[hold], (1,))[1])
-        final = fit_linear_probes(
-            train_features,
-            train_labels,
-            num_classes,
-            [grid[best][0]],
-            [grid[best][1]],
-            epochs,
-            batch_size,
-            seed,
-            device,
-            labelled,
-            moments,
-        )
+        final = train([grid[best][0]], [grid[best][1]], rows=labelled)
         final_index = 0
     else:
         assert encoder is not None
