@@ -292,6 +292,9 @@ def export_backbone(checkpoint: str, output: str, format: Optional[ExportFormat]
                 f"{spec.library} model {spec.name!r} built with {spec.kwargs} does not take the exported weights "
                 f"strictly, so the export was refused: {err}"
             ) from None
+        missing = sorted(set(plain.state_dict()) - set(state))  # BatchNorm fills num_batches_tracked quietly
+        if missing:
+            raise RuntimeError(f"the exported file lacks entries the plain model has: {missing[:5]}; not exported")
         check_features(method, plain, int(method.hparams.image_size))
         os.replace(tmp, output)
     finally:
