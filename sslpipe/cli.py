@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sslpipe.evaluation.commands:kmeans",
         "--checkpoint CKPT [--config FILE] ...  k-means of val features: NMI, ARI, acc.",
     ),
+    "export": (
+        "sslpipe.evaluation.export:main",
+        "--checkpoint CKPT --output FILE ...    backbone as safetensors for timm/torchvision",
+    ),
     "report": (
         "sslpipe.evaluation.report:main",
         "RUN_DIR [RUN_DIR ...]                  table of the runs' metrics.json",

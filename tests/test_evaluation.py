@@ -1,8 +1,10 @@
-"""Evaluation: kNN vs brute force, top-k, the linear probe's hold-out sweep, the feature cache, diagnostics."""
+"""Evaluation: kNN (chunked torch and faiss) vs brute force, top-k, the linear probe's hold-out sweep, fp16 feature
+extraction (sharded over gloo ranks), the content-hashed feature cache, diagnostics."""
 
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -18,7 +20,9 @@ from sslpipe.evaluation import (
     train_linear_probe,
 )
 from sslpipe.evaluation.diagnostics import alignment, contrastive_energies, effective_rank, uniformity
-from sslpipe.evaluation.features import cache_key
+from sslpipe.evaluation.features import cache_key, feature_cache_key, file_digest
+from sslpipe.evaluation.knn import knn_search_faiss, knn_search_torch
+from tests.helpers import run_distributed
 
 
 # ------------------------------------------------------------------ kNN
@@ -34,16 +38,60 @@ def knn_brute_force(bank, bank_labels, queries, num_classes, k, t):
     return scores
 
 
-@pytest.mark.parametrize("k,t", [(1, 0.07), (5, 0.07), (7, 0.5)])
-def test_knn_predict_matches_brute_force(k, t):
+# (backend, query_chunk, bank_chunk): chunks far smaller than the data, so top-k lists merge across bank chunks
+# (k=12 exceeds a bank chunk of 7) and queries come in several chunks with a ragged last one.
+SEARCHES = [("faiss", 4096, 65536), ("torch", 4096, 65536), ("torch", 4, 7), ("torch", 2, 13)]
+
+
+@pytest.mark.parametrize("backend,query_chunk,bank_chunk", SEARCHES)
+@pytest.mark.parametrize("k,t", [(1, 0.07), (5, 0.07), (12, 0.5)])
+def test_knn_predict_matches_brute_force(k, t, backend, query_chunk, bank_chunk):
     g = torch.Generator().manual_seed(0)
     bank = torch.randn(60, 8, generator=g)
     labels = torch.randint(0, 4, (60,), generator=g)
     queries = torch.randn(9, 8, generator=g) * 3  # norms must not matter
-    got = knn_predict(bank, labels, queries, num_classes=4, k=k, temperature=t)
+    got = knn_predict(bank, labels, queries, 4, k, t, backend=backend, query_chunk=query_chunk, bank_chunk=bank_chunk)
     expected = knn_brute_force(bank, labels, queries, 4, k, t)
     assert got.shape == (9, 4)
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_knn_torch_search_equals_faiss_on_fp16_features():
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(500, 32, generator=g).half()  # the feature cache's dtype
+    queries = torch.randn(37, 32, generator=g).half()
+    sims_t, idx_t = knn_search_torch(bank, queries, k=20, query_chunk=8, bank_chunk=64)
+    sims_f, idx_f = knn_search_faiss(bank, queries, k=20, chunk=100)
+    assert torch.equal(idx_t, idx_f)
+    torch.testing.assert_close(sims_t, sims_f, rtol=1e-5, atol=1e-6)
+
+
+def test_knn_ties_across_bank_chunks():
+    """Exact duplicates in different bank chunks: both vote when k covers them; at the k-th place the earlier wins."""
+    g = torch.Generator().manual_seed(4)
+    bank = torch.randn(21, 5, generator=g)
+    bank[9] = bank[2]  # same offset (2) in chunks 0 and 1 of 7 rows: bitwise-equal similarities
+    bank[16] = bank[2]  # and in chunk 2
+    labels = torch.arange(21) % 3
+    labels[2], labels[9], labels[16] = 0, 1, 2
+    query = (bank[2] + 0.01 * torch.randn(5, generator=g))[None]
+
+    def expected(k):
+        """Brute force in float64, ties broken by the lower bank index (a stable sort)."""
+        b = bank.double() / bank.double().norm(dim=1, keepdim=True)
+        q = query[0].double() / query[0].double().norm()
+        sims = (b @ q).tolist()
+        top = sorted(range(21), key=lambda j: (-sims[j], j))[:k]
+        scores = torch.zeros(3, dtype=torch.float64)
+        for j in top:
+            scores[int(labels[j])] += math.exp(sims[j] / 0.1)
+        return scores
+
+    for k in (1, 2, 3, 4):
+        _, idx = knn_search_torch(bank, query, k, bank_chunk=7)
+        assert idx[0, : min(k, 3)].tolist() == [2, 9, 16][: min(k, 3)]
+        got = knn_predict(bank, labels, query, 3, k, 0.1, backend="torch", bank_chunk=7)
+        torch.testing.assert_close(got[0].double(), expected(k), rtol=1e-4, atol=1e-6)
 
 
 def test_knn_k_larger_than_bank_and_errors():
@@ -56,6 +104,10 @@ def test_knn_k_larger_than_bank_and_errors():
         knn_predict(bank, labels, bank, 2, k=0)
     with pytest.raises(ValueError, match="temperature"):
         knn_predict(bank, labels, bank, 2, temperature=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        knn_predict(bank, labels, bank, 2, backend="annoy")  # type: ignore[arg-type]
+    torch_path = knn_predict(bank, labels, torch.tensor([[1.0, 0.0]]), 2, k=10, temperature=1.0, backend="torch")
+    assert torch_path[0].tolist() == pytest.approx(expected, rel=1e-5)
 
 
 def test_knn_classify_on_clusters():
@@ -144,11 +196,83 @@ def test_extract_features_eval_mode_and_values():
     loader = DataLoader(TensorDataset(images, labels), batch_size=4)
     feats, ys = extract_features(model, loader)
     assert model.training  # mode restored
-    assert feats.dtype == torch.float32 and feats.shape == (10, 4)
+    assert feats.dtype == torch.float16 and feats.shape == (10, 4)  # halves the cache; probes upcast per batch
+    assert ys.dtype == torch.int32
     with torch.no_grad():
         expected = images.flatten(1) @ model[1].weight.T + model[1].bias  # dropout off in eval mode
-    torch.testing.assert_close(feats, expected)
+    torch.testing.assert_close(feats.float(), expected, rtol=1e-3, atol=1e-3)  # fp16 rounding
     assert ys.tolist() == list(range(10))
+    full, _ = extract_features(model, loader, dtype=torch.float32)
+    torch.testing.assert_close(full, expected)
+
+
+def test_extract_features_beyond_fp16_range_stay_fp32():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    images = torch.randn(8, 3, 2, 2)
+    images[5] *= 1e6  # one batch far past fp16's 65504
+    loader = DataLoader(TensorDataset(images, torch.zeros(8, dtype=torch.long)), batch_size=3)
+    with pytest.warns(UserWarning, match="fp16 range"):
+        feats, _ = extract_features(model, loader)
+    assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
+    with torch.no_grad():
+        torch.testing.assert_close(feats, model(images), rtol=1e-3, atol=1e-2)
+
+
+# ------------------------------------------------------------------ extraction sharded over ranks
+N_IMAGES = 11  # odd: the two shards differ in size (6 and 5), so padding/ordering mistakes show
+
+
+def _extraction_inputs():
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with torch.no_grad():
+        model[1].running_mean.normal_(generator=g)
+    dataset = TensorDataset(torch.randn(N_IMAGES, 3, 5, 5, generator=g), torch.arange(N_IMAGES) * 7 % 5)
+    return model, DataLoader(dataset, batch_size=2)
+
+
+def _sharded_worker(rank: int, world: int, cache_dir: str) -> dict:
+    import torch.distributed as dist
+
+    model, loader = _extraction_inputs()
+    seen = []
+    model.register_forward_hook(lambda m, inp, out: seen.append(inp[0][:, 0, 0, 0].clone()))
+    to_all = extract_features(model, loader, dst=None)
+    n_seen = len(torch.cat(seen))
+    to_rank0 = extract_features(model, loader)  # default: rank 0 receives, the others get empty tensors
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return extract_features(model, loader)
+
+    first = cached_features(cache_dir, "k", compute)
+    dist.barrier()
+    second = cached_features(cache_dir, "k", compute)  # cache hit: nobody extracts
+    return {"all": to_all, "rank0": to_rank0, "seen": n_seen, "calls": len(calls), "first": first, "second": second}
+
+
+@pytest.mark.distributed
+def test_sharded_extraction_equals_single_process_in_order(tmp_path):
+    model, loader = _extraction_inputs()
+    expected_f, expected_y = extract_features(model, loader, dtype=torch.float32)
+    results = run_distributed(_sharded_worker, 2, str(tmp_path / "cache"))
+    assert [r["seen"] for r in results] == [6, 5]  # disjoint shards, no padded duplicates
+    for r in results:
+        feats, labels = r["all"]
+        torch.testing.assert_close(feats.float(), expected_f, rtol=1e-3, atol=1e-3)
+        assert labels.tolist() == expected_y.tolist()
+        assert feats.dtype == torch.float16 and labels.dtype == torch.int32
+    torch.testing.assert_close(results[0]["rank0"][0].float(), expected_f, rtol=1e-3, atol=1e-3)
+    assert results[1]["rank0"][0].shape == (0, 4) and len(results[1]["rank0"][1]) == 0
+    # the cache: both ranks extract once together; rank 0 writes and later reads it; rank 1 gets nothing back
+    assert [r["calls"] for r in results] == [1, 1]
+    assert torch.equal(results[0]["second"][0], results[0]["first"][0])
+    assert results[1]["second"][0].numel() == 0
+    saved = torch.load(tmp_path / "cache" / "k.pt", weights_only=True)
+    assert saved["features"].dtype == torch.float16 and saved["labels"].dtype == torch.int32
+    assert saved["labels"].tolist() == expected_y.tolist()
 
 
 def test_feature_cache_computes_once(tmp_path):
@@ -175,6 +299,42 @@ def test_feature_cache_computes_once(tmp_path):
 def test_cache_key_stable_and_sensitive():
     assert cache_key(a=1, b="x") == cache_key(b="x", a=1)
     assert cache_key(a=1, b="x") != cache_key(a=2, b="x")
+
+
+def test_file_digest_is_sha256_and_memoised(tmp_path, monkeypatch):
+    import hashlib
+
+    import sslpipe.evaluation.features as features
+
+    path = tmp_path / "a.ckpt"
+    path.write_bytes(b"weights v1" * 1000)
+    memo = str(tmp_path / "memo")
+    assert file_digest(str(path), memo, chunk_bytes=777) == hashlib.sha256(path.read_bytes()).hexdigest()
+    # Same path, size and mtime: the memo answers (in this process, and from disk in a new one) without reading.
+    stat = path.stat()
+    path.write_bytes(b"weights v2" * 1000)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert file_digest(str(path), memo) == hashlib.sha256(b"weights v1" * 1000).hexdigest()
+    monkeypatch.setattr(features, "_DIGESTS", {})
+    assert file_digest(str(path), memo) == hashlib.sha256(b"weights v1" * 1000).hexdigest()
+    # A rewrite that moves the mtime (as every checkpoint save does) is hashed again.
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1000))
+    assert file_digest(str(path), memo) == hashlib.sha256(b"weights v2" * 1000).hexdigest()
+
+
+def test_feature_cache_key_follows_the_checkpoint_content(tmp_path):
+    a, b = tmp_path / "a.ckpt", tmp_path / "copy" / "b.ckpt"
+    a.write_bytes(b"\x01" * 4096)
+    b.parent.mkdir()
+    b.write_bytes(b"\x01" * 4096)
+    key_a = feature_cache_key(str(a), split="train", image_size=32)
+    assert feature_cache_key(str(b), split="train", image_size=32) == key_a  # a copy elsewhere reuses the features
+    assert feature_cache_key(str(a), split="val", image_size=32) != key_a
+    # Retrained in place: same path, same size; the mtime moves as with any real save.
+    stat = a.stat()
+    a.write_bytes(b"\x02" * 4096)
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert feature_cache_key(str(a), split="train", image_size=32) != key_a
 
 
 # ------------------------------------------------------------------ diagnostics
@@ -210,3 +370,48 @@ def test_effective_rank():
     assert effective_rank(rank_one).item() == pytest.approx(1.0, abs=1e-3)
     rank_four = torch.randn(4000, 4, generator=g) @ torch.linalg.qr(torch.randn(d, 4, generator=g))[0].T
     assert effective_rank(rank_four).item() == pytest.approx(4.0, abs=0.2)
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: two interpreters start and import torch, timm, Lightning
+@pytest.mark.distributed
+def test_knn_command_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m sslpipe.cli knn`: 2 ranks extract, rank 0 caches and scores as 1 process."""
+    import glob
+    import json
+    import subprocess
+    import sys
+
+    from sslpipe.methods import SimCLR
+    from tests.checkpoints import perturb_, save_method_checkpoint
+    from tests.helpers import read_metrics, run_cli
+
+    torch.manual_seed(0)
+    method = perturb_(SimCLR(backbone="resnet10t", image_size=8, proj_hidden_dim=16, proj_output_dim=8))
+    ckpt = save_method_checkpoint(method, str(tmp_path / "model.ckpt"))
+    common = ["knn", "--checkpoint", ckpt, "--data.num_workers", "0", "--data.eval_batch_size", "256"]
+    common += ["--trainer.precision", "32-true", "--knn.backend", "torch"]
+    env = {k: v for k, v in os.environ.items() if k != "SSLPIPE_RUN_DIR"}
+    env.update(OMP_NUM_THREADS="1", SSLPIPE_RUN_ID="knn2", PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"]
+    proc = subprocess.run(
+        [*launcher, "sslpipe.cli", *common, "--trainer.default_root_dir", str(tmp_path / "runs2")]
+        + ["--feature_cache", str(tmp_path / "cache2")],
+        capture_output=True, text=True, env=env, timeout=300, cwd=os.path.join(os.path.dirname(__file__), ".."),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = proc.stdout.strip().splitlines()[-1]  # printed once, by rank 0
+    assert os.listdir(tmp_path / "runs2") == [os.path.basename(run_dir)]
+    single, _ = run_cli(
+        [*common, "--trainer.default_root_dir", str(tmp_path / "runs1"), "--feature_cache", str(tmp_path / "cache1")]
+    )
+    two, one = read_metrics(run_dir), read_metrics(single)
+    assert two["knn_top1"] == one["knn_top1"] and two["knn_top5"] == one["knn_top5"]
+    for split_rows in (1437, 360):
+        got, want = [
+            next(d for d in map(torch.load, glob.glob(f"{tmp_path}/{c}/*.pt")) if len(d["labels"]) == split_rows)
+            for c in ("cache2", "cache1")
+        ]
+        assert torch.equal(got["labels"], want["labels"])
+        torch.testing.assert_close(got["features"].float(), want["features"].float(), rtol=2e-3, atol=2e-3)
+    with open(tmp_path / "cache2" / "checkpoint_digests.json") as f:
+        assert len(json.load(f)) == 1  # rank 0 hashed the checkpoint once

@@ -3,6 +3,9 @@
 The method, its hyper-parameters and the data settings come from the checkpoint, so ``--checkpoint``
 alone is enough; a pretraining YAML (``--config``) or dotted flags change the data. Each probe's options
 (``--linear.*``, ``--knn.*``, ``--kmeans.*``) are read from its function's signature: defaults live there.
+
+Launched by ``torchrun`` (``WORLD_SIZE`` > 1), every rank extracts a shard of the features, rank 0 gathers
+them, caches them and runs the probe; the other ranks end after the extraction.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ _DATA_ARGS = {
     "num_classes",
     "seed",
     "device",
+    "encoder",
 }
 
 
@@ -72,6 +76,26 @@ def _checkpoint_data_defaults(path: str) -> dict[str, Any]:
     return {f"data.{k}": v for k, v in hp.items() if k != "views" and not k.startswith("_")}
 
 
+def _is_main() -> bool:
+    from sslpipe.distributed import rank
+
+    return rank() == 0
+
+
+def _init_distributed(use_cuda: bool) -> torch.device:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); return this rank's device."""
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if not use_cuda:
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank if dist.is_initialized() else torch.cuda.current_device())
+
+
 @dataclass
 class _Evaluation:
     """What every evaluation command sets up: parsed config, model, data, device, run directory, features."""
@@ -90,7 +114,7 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     from pytorch_lightning import seed_everything
 
     from sslpipe.data import SSLDataModule
-    from sslpipe.evaluation.features import cache_key, cached_features, extract_features
+    from sslpipe.evaluation.features import cached_features, extract_features, feature_cache_key
     from sslpipe.methods import load_method
     from sslpipe.runs import make_run_dir
 
@@ -104,32 +128,35 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     model = load_method(cfg.checkpoint, random_init=cfg.random_init)
     method = model.method_label() + ("-random" if cfg.random_init else "")
     data = SSLDataModule(**{k: v for k, v in cfg.data.as_dict().items() if k != "views"})
-    run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(parser.dump(cfg, skip_none=False))
-
     use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = _init_distributed(use_cuda)
+    run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)
+    if _is_main():
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(parser.dump(cfg, skip_none=False))
+
     precision = str(cfg.trainer.precision or "32-true")
     cache_dir = cfg.feature_cache or os.path.join(os.path.dirname(os.path.abspath(cfg.checkpoint)), "..", "features")
     if cfg.feature_cache is not None and cfg.feature_cache.lower() == "none":  # None (unset): the default folder
         cache_dir = None
-    stat = os.stat(cfg.checkpoint)
 
     def features(split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = cache_key(
-            checkpoint=os.path.abspath(cfg.checkpoint),
-            mtime=stat.st_mtime_ns,
-            size=stat.st_size,
-            random_init=cfg.random_init,
-            seed=seed,
-            split=split,
-            dataset=data.dataset,
-            root=os.path.abspath(data.root),
-            image_size=data.image_size,
-            precision=precision,
-        )
         loader = data.eval_dataloader(split)
+        if cache_dir is None:
+            return extract_features(model, loader, device, precision, desc=f"{split} features")
+        key = ""  # rank 0 alone reads and writes the cache, and hashes the checkpoint for its key
+        if _is_main():
+            key = feature_cache_key(
+                cfg.checkpoint,
+                memo_dir=cache_dir,
+                random_init=cfg.random_init,
+                seed=seed,
+                split=split,
+                dataset=data.dataset,
+                root=os.path.abspath(data.root),
+                image_size=data.image_size,
+                precision=precision,
+            )
         return cached_features(
             cache_dir, key, lambda: extract_features(model, loader, device, precision, desc=f"{split} features")
         )
@@ -151,14 +178,23 @@ def _finish(ev: _Evaluation, feature_dim: int, metrics: dict[str, Any]) -> str:
     return ev.run_dir
 
 
-def linear(argv: Sequence[str]) -> str:
-    """Linear probe: (lr, weight decay) chosen on held-out training features, evaluated once on val."""
-    from sslpipe.evaluation.linear import train_linear_probe
+def linear(argv: Sequence[str]) -> Optional[str]:
+    """Linear probe: (lr, weight decay) chosen on held-out training features, evaluated once on val.
+
+    With ``--linear.augment true`` the probes train on random-resized crops through the frozen backbone
+    (computed on the fly); the cached centre-crop features still give the standardisation, the held-out
+    scores and the validation scores.
+    """
+    from sslpipe.evaluation.linear import FrozenEncoder, train_linear_probe
 
     ev = _setup("linear", argv)
     (xtr, ytr), (xva, yva) = ev.features("train"), ev.features("val")
+    if not _is_main():
+        return None  # the probe runs on rank 0
+    opts = ev.cfg.linear.as_dict()
+    encoder = FrozenEncoder(ev.model, ev.data, ev.device, str(ev.cfg.trainer.precision or "32-true"))
     result = train_linear_probe(
-        xtr, ytr, xva, yva, ev.data.num_classes, seed=ev.seed, device=ev.device, **ev.cfg.linear.as_dict()
+        xtr, ytr, xva, yva, ev.data.num_classes, seed=ev.seed, device=ev.device, encoder=encoder, **opts
     )
     print(
         f"linear probe: top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  (lr {result.lr}, wd {result.weight_decay})"
@@ -169,28 +205,33 @@ def linear(argv: Sequence[str]) -> str:
         "linear_lr": result.lr,
         "linear_weight_decay": result.weight_decay,
         "linear_sweep": result.sweep,
+        "linear_augment": opts["augment"],
     }
     return _finish(ev, int(xva.shape[1]), metrics)
 
 
-def knn(argv: Sequence[str]) -> str:
-    """Weighted kNN of val against the train features."""
+def knn(argv: Sequence[str]) -> Optional[str]:
+    """Weighted kNN of val against the train features (chunked torch search on a GPU, faiss on the CPU)."""
     from sslpipe.evaluation.knn import knn_classify
 
     ev = _setup("knn", argv)
     (xtr, ytr), (xva, yva) = ev.features("train"), ev.features("val")
+    if not _is_main():
+        return None  # the search runs on rank 0
     opts = ev.cfg.knn.as_dict()
-    metrics = knn_classify(xtr, ytr, xva, yva, ev.data.num_classes, **opts)
+    metrics = knn_classify(xtr, ytr, xva, yva, ev.data.num_classes, device=ev.device, **opts)
     print(f"kNN ({opts}): top-1 {metrics['knn_top1']:.2f}%  top-5 {metrics['knn_top5']:.2f}%")
     return _finish(ev, int(xva.shape[1]), {**metrics, **{f"knn_{k}": v for k, v in opts.items()}})
 
 
-def kmeans(argv: Sequence[str]) -> str:
+def kmeans(argv: Sequence[str]) -> Optional[str]:
     """k-means of the val features (k = the number of classes unless set), scored against the labels."""
     from sslpipe.evaluation.clustering import clustering_scores
 
     ev = _setup("kmeans", argv)
     xva, yva = ev.features("val")
+    if not _is_main():
+        return None  # clustering runs on rank 0
     opts = ev.cfg.kmeans.as_dict()
     opts["num_clusters"] = opts.get("num_clusters") or ev.data.num_classes
     metrics = clustering_scores(xva, yva, seed=ev.seed, **opts)
