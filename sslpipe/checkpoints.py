@@ -37,8 +37,9 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(
             f"refused to load {path!r}: it holds more than tensors ({reason}). {TRUST_HINT}"
         ) from None
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path!r} is not a checkpoint (a {type(checkpoint).__name__}, not a dict)")
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        kind = "a dict without 'state_dict'" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
+        raise CheckpointError(f"{path!r} is not a checkpoint written by `sslpipe pretrain` ({kind})")
     return upgrade_checkpoint(checkpoint)
 
 

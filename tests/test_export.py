@@ -16,8 +16,9 @@ import torchvision
 from safetensors.torch import load_file
 from torch import nn
 
+from sslpipe.checkpoints import CheckpointError
 from sslpipe.evaluation.export import export_backbone
-from sslpipe.methods import MaskedAutoencoder, MoCo, SimCLR
+from sslpipe.methods import MaskedAutoencoder, MoCoV2, SimCLR
 from tests.checkpoints import perturb_, save_method_checkpoint
 from tests.helpers import run_cli
 
@@ -74,15 +75,15 @@ def test_timm_resnet(tmp_path):
 
 
 def test_timm_resnet_cifar_stem_moco_query_encoder(tmp_path, monkeypatch):
-    method = MoCo(
-        mode="v2", backbone="resnet18", cifar_stem=True, channels_last=True, image_size=32, queue_size=32, **SMALL_HEAD
+    method = MoCoV2(
+        backbone="resnet18", cifar_stem=True, channels_last=True, image_size=32, queue_size=32, **SMALL_HEAD
     )
     (tmp_path / "run").mkdir()
     with open(tmp_path / "run" / "metrics.json", "w") as f:
         json.dump({"method": "moco_v2", "epochs": 4, "online_linear_top1": 61.5, "train_loss": 3.2}, f)
     method, state, card = _export(tmp_path, method)
     assert not any(k.startswith(("key_", "backbone.")) for k in state)  # the query backbone, prefix removed
-    assert not torch.equal(state["conv1.weight"], method.key_backbone.conv1.weight)  # not the key encoder
+    assert not torch.equal(state["conv1.weight"], method.key_encoder.backbone.conv1.weight)  # not the key encoder
     plain = timm.create_model("resnet18", pretrained=False, num_classes=0)
     plain.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)  # what the card tells
     plain.maxpool = nn.Identity()
@@ -152,7 +153,7 @@ def test_export_errors(tmp_path):
     ckpt = save_method_checkpoint(method, str(tmp_path / "mae.ckpt"))
     with pytest.raises(ValueError, match="--format timm"):
         export_backbone(ckpt, str(tmp_path / "x.safetensors"), "torchvision")
-    with pytest.raises(FileNotFoundError, match="--checkpoint"):
+    with pytest.raises(CheckpointError, match="--checkpoint"):
         export_backbone(str(tmp_path / "missing.ckpt"), str(tmp_path / "x.safetensors"))
     assert not os.path.exists(tmp_path / "x.safetensors")
 

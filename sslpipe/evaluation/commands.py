@@ -68,11 +68,9 @@ def _parser(command: str):
     return parser
 
 
-def _checkpoint_data_defaults(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found; pass --checkpoint <run dir>/checkpoints/last.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hp = ckpt.get("datamodule_hyper_parameters") or {}
+def _checkpoint_data_defaults(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The pretraining run's data settings, as defaults of ``--data.*``."""
+    hp = checkpoint.get("datamodule_hyper_parameters") or {}
     return {f"data.{k}": v for k, v in hp.items() if k != "views" and not k.startswith("_")}
 
 
@@ -113,19 +111,20 @@ class _Evaluation:
 def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     from pytorch_lightning import seed_everything
 
+    from sslpipe.checkpoints import build_method, load_checkpoint
     from sslpipe.data import SSLDataModule
     from sslpipe.evaluation.features import cached_features, extract_features, feature_cache_key
-    from sslpipe.methods import load_method
     from sslpipe.runs import make_run_dir
 
     parser = _parser(command)
     cfg = parser.parse_args(list(argv))
-    parser.set_defaults(_checkpoint_data_defaults(cfg.checkpoint))
+    checkpoint = load_checkpoint(cfg.checkpoint)  # read once, safely: data defaults and the model
+    parser.set_defaults(_checkpoint_data_defaults(checkpoint))
     cfg = parser.parse_args(list(argv))  # again, now with the checkpoint's data settings as defaults
 
     seed = 0 if cfg.seed_everything in (True, False) else int(cfg.seed_everything)
     seed_everything(seed, workers=True, verbose=False)
-    model = load_method(cfg.checkpoint, random_init=cfg.random_init)
+    model = build_method(checkpoint, random_init=cfg.random_init, source=cfg.checkpoint)
     method = model.method_label() + ("-random" if cfg.random_init else "")
     data = SSLDataModule(**{k: v for k, v in cfg.data.as_dict().items() if k != "views"})
     use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")

@@ -22,7 +22,6 @@ cannot reproduce is refused.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from typing import Any, Literal, Optional, Sequence
 
 import torch
 from torch import nn
+
+from sslpipe.checkpoints import build_method, load_checkpoint
 
 ExportFormat = Literal["timm", "torchvision"]
 # Classifier attributes, in the order sslpipe's backbone builder looks for them.
@@ -49,31 +50,6 @@ class ExportSpec:
     notes: list[str] = field(default_factory=list)
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Read an sslpipe checkpoint with ``weights_only=True`` (tensors and plain containers only, no code)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} not found; pass --checkpoint <run dir>/checkpoints/last.ckpt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if "state_dict" not in ckpt or not (ckpt.get("sslpipe_method") or ckpt.get("hyper_parameters")):
-        raise ValueError(f"{path!r} is not a checkpoint written by `sslpipe pretrain` (no state_dict / sslpipe_method)")
-    return ckpt
-
-
-def method_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
-    """The sslpipe method stored in a loaded checkpoint dict, with its weights, in eval mode."""
-    from sslpipe.methods import SSLMethod
-
-    path = ckpt.get("sslpipe_method") or ckpt["hyper_parameters"].get("_class_path")
-    module_name, cls_name = path.rsplit(".", 1)
-    cls = getattr(importlib.import_module(module_name), cls_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, SSLMethod)):
-        raise ValueError(f"the checkpoint names {path!r}, which is not an sslpipe method of this version")
-    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    model = cls(**hparams)
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval()
-
-
 def backbone_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The ``backbone.*`` entries (prefix removed), contiguous and unshared, ready for safetensors."""
     prefix = "backbone."
@@ -85,7 +61,7 @@ def backbone_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def export_spec(method: nn.Module, format: Optional[str] = None) -> ExportSpec:
     """Which model of which library reproduces ``method.backbone`` (and ``method.forward``'s pooling)."""
-    from sslpipe.methods import MaskedImageModel
+    from sslpipe.methods.masked import MaskedImageModel
 
     hp = method.hparams
     source = "torchvision" if hp.backbone.startswith("torchvision/") else "timm"
@@ -243,7 +219,7 @@ def model_card(
         "format": spec.library,
         "model": {"library": spec.library, "name": spec.name, "kwargs": spec.kwargs, "head": spec.head or "none"},
         "feature_dim": int(method.feature_dim),
-        "method": type(method).method_label(dict(hp)),
+        "method": type(method).method_label(),
         "method_class": f"{type(method).__module__}.{type(method).__qualname__}",
         "backbone": hp.backbone,
         "cifar_stem": bool(hp.cifar_stem),
@@ -277,7 +253,7 @@ def export_backbone(checkpoint: str, output: str, format: Optional[ExportFormat]
     from safetensors.torch import save_file
 
     ckpt = load_checkpoint(checkpoint)
-    method = method_from_checkpoint(ckpt)
+    method = build_method(ckpt, source=checkpoint).eval()
     spec = export_spec(method, format)
     state = backbone_state_dict(ckpt)
     output = os.path.abspath(output)
