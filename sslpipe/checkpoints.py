@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from sslpipe.errors import UserError
+
 TRUST_HINT = (
     "sslpipe reads checkpoints with torch.load(weights_only=True) so that a file cannot run code. If you trust "
     "this file, load it yourself with torch.load(path, weights_only=False) and save its 'state_dict' and "
@@ -22,7 +24,7 @@ TRUST_HINT = (
 )
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, unsafe to unpickle, or not written by sslpipe."""
 
 
