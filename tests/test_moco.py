@@ -88,13 +88,13 @@ def test_key_encoder_gets_no_gradient_and_is_not_optimised(mode):
 
 
 def _infonce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> float:
-    """Mean over queries of -log(exp(pos) / (exp(pos) + sum exp(negs))), in float64 loops."""
+    """Mean over queries of -log(exp(pos) / (exp(pos) + sum exp(negs))) of cosines / tau, in float64 loops."""
     total = 0.0
     for i in range(len(q)):
         qi = q[i].double() / q[i].double().norm()
         ki = k[i].double() / k[i].double().norm()
         pos = float(qi @ ki) / tau
-        negs = [float(qi @ queue[j].double()) / tau for j in range(len(queue))]
+        negs = [float(qi @ queue[j].double()) / float(queue[j].double().norm()) / tau for j in range(len(queue))]
         total += -pos + math.log(math.exp(pos) + sum(math.exp(n) for n in negs))
     return total / len(q)
 

@@ -48,6 +48,7 @@ AUTO_DIRECT_MAX_ENTRIES = 1 << 26
 AUTO_BLOCK = 4096
 
 _NEG_INF = float("-inf")
+_POS_INF = float("inf")
 
 
 def resolve_block(block: ContrastiveBlock, num_rows: int, num_cols: int) -> Optional[int]:
@@ -115,23 +116,32 @@ def _check(
         )
 
 
-def _negatives_per_row(
-    num_cols: int, pos_col: Optional[torch.Tensor], exclude_col: Optional[torch.Tensor], like: torch.Tensor
-) -> torch.Tensor:
-    """``(N,)`` fp32 count of each row's negatives: ``M`` minus its distinct excluded columns in ``[0, M)``."""
-    count = torch.full((like.shape[0],), float(num_cols), device=like.device)
-    if pos_col is not None:
-        count = count - 1.0
+def _excluded_columns(
+    pos_col: Optional[torch.Tensor], exclude_col: Optional[torch.Tensor], num_cols: int
+) -> Optional[torch.Tensor]:
+    """``(N, E)`` long: each row's distinct columns that are no negative (the positive's first), -1 for none."""
+    excluded = [] if pos_col is None else [pos_col.long()]
     if exclude_col is not None:
-        dropped = (exclude_col >= 0) & (exclude_col < num_cols)
+        keep = (exclude_col >= 0) & (exclude_col < num_cols)
         if pos_col is not None:
-            dropped &= exclude_col != pos_col
-        count = count - dropped.float()
-    return count
+            keep &= exclude_col != pos_col
+        excluded.append(torch.where(keep, exclude_col.long(), -1))
+    return torch.stack(excluded, dim=1) if excluded else None
 
 
-def _excluded_columns(pos_col: Optional[torch.Tensor], exclude_col: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    return [col for col in (pos_col, exclude_col) if col is not None]
+def _negative_stats(
+    q: torch.Tensor, k: torch.Tensor, excluded: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N,)`` number of negatives and sum of their cosines per row, in O((N + M) d): the cosines with
+    every key are ``q_i . sum_j k_j``, minus those with the row's excluded keys."""
+    count = torch.full((q.shape[0],), float(k.shape[0]), device=q.device)
+    cos_sum = q @ k.sum(0)
+    if excluded is not None:
+        present = excluded >= 0
+        count = count - present.sum(1)
+        cos_excluded = (q[:, None, :] * k[excluded.clamp_min(0)]).sum(2)  # (N, E)
+        cos_sum = cos_sum - cos_excluded.masked_fill(~present, 0.0).sum(1)
+    return count, cos_sum
 
 
 # ------------------------------------------------------------------------------------------------ direct form
@@ -139,60 +149,74 @@ def _direct(
     q: torch.Tensor,
     k: torch.Tensor,
     pos: torch.Tensor,
-    temperature: float,
-    excluded: list[torch.Tensor],
+    excluded: Optional[torch.Tensor],
+    positive_in_keys: bool,
     kind: Literal["softmax", "nce", "lse"],
     shift: Optional[torch.Tensor],
-    with_stats: bool,
-) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Per-row result of ``kind`` on the materialised ``(N, M)`` logits, plus negative cos sum and max per row."""
-    cos = q @ k.T
-    logits = cos / temperature
-    mask = None
-    if excluded:
-        cols = torch.arange(k.shape[0], device=q.device)
-        for col in excluded:
-            hit = cols[None, :] == col[:, None]
-            mask = hit if mask is None else mask | hit
-        logits = logits.masked_fill(mask, _NEG_INF)
-    if kind == "softmax":  # the positive sits in column 0, so every row has one finite logit
-        out = torch.logsumexp(torch.cat([pos[:, None], logits], dim=1), dim=1) - pos
-    elif kind == "nce":
-        out = F.softplus(shift - pos) + F.softplus(logits - shift[:, None]).sum(1)
-    else:  # "lse": log-sum-exp over the negatives only
-        out = torch.logsumexp(logits, dim=1)
-    neg_sum = neg_max = None
-    if with_stats:
+    with_max: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Per-row result of ``kind`` on the materialised ``(N, M)`` logits ``q @ k.T`` (``q`` already divided by
+    tau), and with ``with_max`` the largest negative logit of each row."""
+    logits = q @ k.T
+    cols = torch.arange(k.shape[0], device=q.device)
+
+    def mask_of(columns: torch.Tensor) -> torch.Tensor:  # (N, M) bool, True at each row's listed columns
+        return (cols[None, :, None] == columns[:, None, :]).any(2)
+
+    negatives_mask = None if excluded is None else mask_of(excluded)
+    if kind == "softmax" and positive_in_keys:
+        # The positive stays in its column, so the row's log-sum-exp already is the one over {positive} +
+        # negatives: only the other excluded column is masked and no (N, M + 1) copy is made.
+        others = excluded[:, 1:]
+        row = logits.masked_fill(mask_of(others), _NEG_INF) if others.shape[1] else logits
+        out = torch.logsumexp(row, dim=1) - pos
+    else:
+        neg = logits if negatives_mask is None else logits.masked_fill(negatives_mask, _NEG_INF)
+        if kind == "softmax":  # the positive in column 0: every row has one finite logit
+            out = torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos
+        elif kind == "nce":
+            out = F.softplus(shift - pos) + F.softplus(neg - shift[:, None]).sum(1)
+        else:  # "lse": over the negatives only
+            out = torch.logsumexp(neg, dim=1)
+    neg_max = None
+    if with_max:
         with torch.no_grad():
-            cos = cos.detach()
-            neg_sum = (cos if mask is None else cos.masked_fill(mask, 0.0)).sum(1)
-            neg_max = (cos if mask is None else cos.masked_fill(mask, _NEG_INF)).amax(1)
-    return out, neg_sum, neg_max
+            neg = logits.detach()
+            neg_max = (neg if negatives_mask is None else neg.masked_fill(negatives_mask, _NEG_INF)).amax(1)
+    return out, neg_max
 
 
 # ------------------------------------------------------------------------------------------------ tiled form
-def _tile_cos(
-    q_rows: torch.Tensor, k_cols: torch.Tensor, col_start: int, excluded_rows: list[torch.Tensor]
+class _Located:
+    """Where one row block's excluded columns fall: tile number and offset inside the tile (-1 tile: none)."""
+
+    def __init__(self, excluded_rows: torch.Tensor, num_cols: int, block: int) -> None:
+        self.tile = torch.where(excluded_rows >= 0, excluded_rows.div(block, rounding_mode="floor"), -1)
+        self.offset = excluded_rows.remainder(block)
+        # The last tile may be narrower: an offset meant for another tile must still be a valid index there.
+        self.offset_last = self.offset.clamp_max((num_cols - 1) % block)
+
+    def mask_(self, logits: torch.Tensor, tile: int, block: int) -> torch.Tensor:
+        """Set this tile's excluded entries to -inf in place: one ``amin`` scatter of -inf (hit) or +inf (no-op)."""
+        index = self.offset if logits.shape[1] == block else self.offset_last
+        values = torch.where(self.tile == tile, _NEG_INF, _POS_INF)
+        return logits.scatter_reduce_(1, index, values, reduce="amin")
+
+
+def _tile_logits(
+    q_rows: torch.Tensor, k: torch.Tensor, located: Optional[_Located], tile: int, block: int
 ) -> torch.Tensor:
-    """``cos`` of one tile with the excluded entries set to -inf, without a mask tensor: for every
-    exclusion list, each row's entry is gathered, replaced by -inf if its column falls in this tile, and
-    scattered back (a row whose column lies elsewhere writes back its own value)."""
-    cos = q_rows @ k_cols.T
-    width = cos.shape[1]
-    for col in excluded_rows:
-        local = col - col_start
-        inside = ((local >= 0) & (local < width))[:, None]
-        index = local.clamp(0, width - 1)[:, None]
-        cos.scatter_(1, index, torch.where(inside, _NEG_INF, cos.gather(1, index)))
-    return cos
+    logits = q_rows @ k[tile * block : (tile + 1) * block].T
+    return logits if located is None else located.mask_(logits, tile, block)
 
 
 class _TiledNegatives(torch.autograd.Function):
-    """Per-row reduction over the negatives, tile by tile: ``lse`` (log-sum-exp of ``s/tau``) or
-    ``softplus`` (``sum_j softplus(s_ij/tau - shift_i)``), with optional negative-cos sum and max per row.
+    """Per-row reduction over the negatives, tile by tile: ``lse`` (log-sum-exp of the logits) or ``softplus``
+    (``sum_j softplus(logit_ij - shift_i)``), and optionally the largest negative logit per row.
 
-    The forward keeps only per-row running values; the backward recomputes each tile of logits and
-    weights it by the derivative of the reduction: ``exp(s/tau - lse_i)`` or ``sigmoid(s/tau - shift_i)``.
+    ``q`` arrives divided by tau, so a tile of logits is one matrix product. The forward keeps only per-row
+    running values; the backward recomputes each tile and weights it by the derivative of the reduction,
+    ``exp(logit - lse_i)`` or ``sigmoid(logit - shift_i)``, times the row's incoming gradient.
     """
 
     @staticmethod
@@ -201,47 +225,43 @@ class _TiledNegatives(torch.autograd.Function):
         q: torch.Tensor,
         k: torch.Tensor,
         shift: Optional[torch.Tensor],
-        pos_col: Optional[torch.Tensor],
-        exclude_col: Optional[torch.Tensor],
-        temperature: float,
+        excluded: Optional[torch.Tensor],
         block: int,
         kind: Literal["lse", "softplus"],
-        with_stats: bool,
+        with_max: bool,
     ):
         n, m = q.shape[0], k.shape[0]
-        excluded = _excluded_columns(pos_col, exclude_col)
+        num_tiles = -(-m // block)
         out = q.new_empty(n)
-        neg_sum = q.new_zeros(n) if with_stats else None
-        neg_max = q.new_full((n,), _NEG_INF) if with_stats else None
+        neg_max = q.new_empty(n) if with_max else None
         for i0 in range(0, n, block):
             rows = slice(i0, min(i0 + block, n))
-            excluded_rows = [col[rows] for col in excluded]
-            acc = q.new_full((rows.stop - i0,), _NEG_INF) if kind == "lse" else q.new_zeros(rows.stop - i0)
-            for j0 in range(0, m, block):
-                cos = _tile_cos(q[rows], k[j0 : j0 + block], j0, excluded_rows)
-                logits = cos / temperature
+            located = None if excluded is None else _Located(excluded[rows], m, block)
+            acc = q.new_full((rows.stop - i0,), _NEG_INF if kind == "lse" else 0.0)
+            row_max = q.new_full((rows.stop - i0,), _NEG_INF) if with_max else None
+            for tile in range(num_tiles):
+                logits = _tile_logits(q[rows], k, located, tile, block)
                 if kind == "lse":  # merge this tile's log-sum-exp into the running one
                     acc = torch.logaddexp(acc, torch.logsumexp(logits, dim=1))
                 else:
                     acc += F.softplus(logits - shift[rows, None]).sum(1)
-                if with_stats:
-                    neg_max[rows] = torch.maximum(neg_max[rows], cos.amax(1))
-                    neg_sum[rows] += cos.masked_fill(cos == _NEG_INF, 0.0).sum(1)
+                if with_max:
+                    row_max = torch.maximum(row_max, logits.amax(1))
             out[rows] = acc
-        ctx.save_for_backward(q, k, shift, pos_col, exclude_col, out)
-        ctx.temperature, ctx.block, ctx.kind = temperature, block, kind
-        if with_stats:
-            ctx.mark_non_differentiable(neg_sum, neg_max)
-            return out, neg_sum, neg_max
+            if with_max:
+                neg_max[rows] = row_max
+        ctx.save_for_backward(q, k, shift, excluded, out)
+        ctx.block, ctx.kind = block, kind
+        if with_max:
+            ctx.mark_non_differentiable(neg_max)
+            return out, neg_max
         return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor, *_stat_grads: torch.Tensor):  # type: ignore[override]
-        q, k, shift, pos_col, exclude_col, out = ctx.saved_tensors
+    def backward(ctx, grad_out: torch.Tensor, *_max_grad: torch.Tensor):  # type: ignore[override]
+        q, k, shift, excluded, out = ctx.saved_tensors
         need_q, need_k, need_shift = ctx.needs_input_grad[:3]
-        temperature, block = ctx.temperature, ctx.block
-        n, m = q.shape[0], k.shape[0]
-        excluded = _excluded_columns(pos_col, exclude_col)
+        block, n, m = ctx.block, q.shape[0], k.shape[0]
         grad_q = torch.zeros_like(q) if need_q else None
         grad_k = torch.zeros_like(k) if need_k else None
         grad_shift = torch.zeros_like(shift) if need_shift else None
@@ -251,34 +271,27 @@ class _TiledNegatives(torch.autograd.Function):
         with torch.autocast(device_type=q.device.type, enabled=False):
             for i0 in range(0, n, block):
                 rows = slice(i0, min(i0 + block, n))
-                excluded_rows = [col[rows] for col in excluded]
-                for j0 in range(0, m, block):
-                    cols = slice(j0, min(j0 + block, m))
-                    logits = _tile_cos(q[rows], k[cols], j0, excluded_rows) / temperature
+                located = None if excluded is None else _Located(excluded[rows], m, block)
+                for tile in range(-(-m // block)):
+                    cols = slice(tile * block, min((tile + 1) * block, m))
+                    logits = _tile_logits(q[rows], k, located, tile, block)
                     if ctx.kind == "lse":
                         weight = torch.exp(logits - out[rows, None])  # softmax over the negatives
                     else:
                         weight = torch.sigmoid(logits - shift[rows, None])
-                    weight = weight * grad_out[rows, None]
+                    weight = weight * grad_out[rows, None]  # d loss / d logit
                     if need_shift:
                         grad_shift[rows] -= weight.sum(1)
-                    weight = weight / temperature  # d out / d cos
                     if need_q:
-                        grad_q[rows] += weight @ k[cols]
+                        grad_q[rows].addmm_(weight, k[cols])
                     if need_k:
-                        grad_k[cols] += weight.T @ q[rows]
-        return grad_q, grad_k, grad_shift, None, None, None, None, None, None
+                        grad_k[cols].addmm_(weight.T, q[rows])
+        return grad_q, grad_k, grad_shift, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------ public core
-def _prepare(
-    queries: torch.Tensor, keys: torch.Tensor, positives: Optional[torch.Tensor], pos_col: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unit fp32 queries and keys, and each row's positive cosine ``(N,)``."""
-    q = F.normalize(queries.float(), dim=1)
-    k = F.normalize(keys.float(), dim=1)
-    partner = F.normalize(positives.float(), dim=1) if positives is not None else k[pos_col]
-    return q, k, (q * partner).sum(1)
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=1)
 
 
 def contrastive_row_losses(
@@ -322,22 +335,25 @@ def contrastive_row_losses(
     n, m = queries.shape[0], keys.shape[0]
     block = resolve_block(block, n, m)
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        q, k, pos_cos = _prepare(queries, keys, positives, pos_col)
-        pos = pos_cos / temperature
-        num_neg = _negatives_per_row(m, pos_col, exclude_col, q)
+        q, k = _unit(queries), _unit(keys)
+        scaled = q / temperature  # logits are scaled @ k.T: no (N, M) division
+        pos = (scaled * (_unit(positives) if positives is not None else k[pos_col])).sum(1)
+        excluded = _excluded_columns(pos_col, exclude_col, m)
+        num_neg, neg_cos_sum = None, None
+        if reduction == "nce" or return_stats:
+            with torch.no_grad():
+                num_neg, neg_cos_sum = _negative_stats(q.detach(), k.detach(), excluded)
         shift = None
         if reduction == "nce":
             # log(|D_N,i| / |D|); a row without negatives (|D_N,i| = 0) has no negative term, so 1 avoids a -inf.
             log_noise = num_neg.clamp_min(1.0).log() - math.log(nce_num_data)
             shift = torch.as_tensor(nce_log_z, dtype=torch.float32, device=q.device) + log_noise
         if block is None:
-            losses, neg_sum, neg_max = _direct(
-                q, k, pos, temperature, _excluded_columns(pos_col, exclude_col), reduction, shift, return_stats
-            )
+            losses, neg_max = _direct(scaled, k, pos, excluded, pos_col is not None, reduction, shift, return_stats)
         else:
             kind = "lse" if reduction == "softmax" else "softplus"
-            result = _TiledNegatives.apply(q, k, shift, pos_col, exclude_col, temperature, block, kind, return_stats)
-            reduced, neg_sum, neg_max = result if return_stats else (result, None, None)
+            result = _TiledNegatives.apply(scaled, k, shift, excluded, block, kind, return_stats)
+            reduced, neg_max = result if return_stats else (result, None)
             if reduction == "softmax":
                 losses = torch.logaddexp(pos, reduced) - pos
             else:
@@ -345,14 +361,14 @@ def contrastive_row_losses(
         if not return_stats:
             return losses
         with torch.no_grad():
-            pos_cos = pos_cos.detach()
-            mean_pos = pos_cos.mean()
-            mean_neg = neg_sum.sum() / num_neg.sum().clamp_min(1.0)
+            pos = pos.detach()
+            mean_pos = pos.mean() * temperature
+            mean_neg = neg_cos_sum.sum() / num_neg.sum().clamp_min(1.0)
             stats = {
                 "energy_pos": -mean_pos,
                 "energy_neg": -mean_neg,
                 "energy_gap": mean_pos - mean_neg,
-                "pretext_top1": (pos_cos > neg_max).float().mean(),
+                "pretext_top1": (pos > neg_max).float().mean(),
             }
         return losses, stats
 
@@ -367,16 +383,18 @@ def negative_logsumexp(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(N,)`` log-sum-exp of ``s_ij / tau`` over each row's negatives (every key but ``exclude_col``), and
     ``(N,)`` the number of those negatives; the same two forms as :func:`contrastive_row_losses`."""
-    # queries stand in as positives only to pass the check; no positive enters this reduction.
+    # The queries stand in as positives only to pass the check; no positive enters this reduction.
     _check(queries, keys, temperature, queries, None, exclude_col, "softmax", None, None)
     n, m = queries.shape[0], keys.shape[0]
     block = resolve_block(block, n, m)
     with torch.autocast(device_type=queries.device.type, enabled=False):
-        q, k = F.normalize(queries.float(), dim=1), F.normalize(keys.float(), dim=1)
-        count = _negatives_per_row(m, None, exclude_col, q)
-        excluded = _excluded_columns(None, exclude_col)
+        scaled, k = _unit(queries) / temperature, _unit(keys)
+        excluded = _excluded_columns(None, exclude_col, m)
+        count = torch.full((n,), float(m), device=scaled.device)
+        if excluded is not None:
+            count = count - (excluded >= 0).sum(1)
         if block is None:
-            lse, _, _ = _direct(q, k, q.new_zeros(n), temperature, excluded, "lse", None, False)
+            lse, _ = _direct(scaled, k, scaled.new_zeros(n), excluded, False, "lse", None, False)
         else:
-            lse = _TiledNegatives.apply(q, k, None, None, exclude_col, temperature, block, "lse", False)
+            lse = _TiledNegatives.apply(scaled, k, None, excluded, block, "lse", False)
         return lse, count

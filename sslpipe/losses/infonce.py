@@ -34,8 +34,8 @@ def infonce_loss(
     Args:
         q: ``(N, d)`` queries (gradient flows through them).
         k: ``(N, d)`` positive keys from the momentum encoder (treated as constants by the caller).
-        queue: ``(K, d)`` negatives (no gradient flows into them); pass a copy if the queue is written
-            before ``backward``.
+        queue: ``(K, d)`` negatives (normalised here; no gradient flows into them); pass a copy if the queue
+            is written before ``backward``.
         temperature: tau (MoCo v2: 0.2).
         block: direct (``None``), tiled (an int) or ``"auto"``; see :mod:`sslpipe.losses.contrastive`.
         return_stats: also return the energies and pretext top-1 (the positive beats every queue entry).
