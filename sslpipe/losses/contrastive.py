@@ -150,7 +150,7 @@ def _direct(
     k: torch.Tensor,
     pos: torch.Tensor,
     excluded: Optional[torch.Tensor],
-    positive_in_keys: bool,
+    pos_col: Optional[torch.Tensor],
     kind: Literal["softmax", "nce", "lse"],
     shift: Optional[torch.Tensor],
     with_max: bool,
@@ -164,12 +164,13 @@ def _direct(
         return (cols[None, :, None] == columns[:, None, :]).any(2)
 
     negatives_mask = None if excluded is None else mask_of(excluded)
-    if kind == "softmax" and positive_in_keys:
+    if kind == "softmax" and pos_col is not None:
         # The positive stays in its column, so the row's log-sum-exp already is the one over {positive} +
-        # negatives: only the other excluded column is masked and no (N, M + 1) copy is made.
+        # negatives: only the other excluded column is masked and no (N, M + 1) copy is made. The positive
+        # logit is read from the same matrix, so a row without negatives gives exactly 0 (cross entropy).
         others = excluded[:, 1:]
         row = logits.masked_fill(mask_of(others), _NEG_INF) if others.shape[1] else logits
-        out = torch.logsumexp(row, dim=1) - pos
+        out = torch.logsumexp(row, dim=1) - logits.gather(1, pos_col[:, None].long()).squeeze(1)
     else:
         neg = logits if negatives_mask is None else logits.masked_fill(negatives_mask, _NEG_INF)
         if kind == "softmax":  # the positive in column 0: every row has one finite logit
@@ -349,7 +350,7 @@ def contrastive_row_losses(
             log_noise = num_neg.clamp_min(1.0).log() - math.log(nce_num_data)
             shift = torch.as_tensor(nce_log_z, dtype=torch.float32, device=q.device) + log_noise
         if block is None:
-            losses, neg_max = _direct(scaled, k, pos, excluded, pos_col is not None, reduction, shift, return_stats)
+            losses, neg_max = _direct(scaled, k, pos, excluded, pos_col, reduction, shift, return_stats)
         else:
             kind = "lse" if reduction == "softmax" else "softplus"
             result = _TiledNegatives.apply(scaled, k, shift, excluded, block, kind, return_stats)
@@ -394,7 +395,7 @@ def negative_logsumexp(
         if excluded is not None:
             count = count - (excluded >= 0).sum(1)
         if block is None:
-            lse, _ = _direct(scaled, k, scaled.new_zeros(n), excluded, False, "lse", None, False)
+            lse, _ = _direct(scaled, k, scaled.new_zeros(n), excluded, None, "lse", None, False)
         else:
             lse = _TiledNegatives.apply(scaled, k, None, excluded, block, "lse", False)
         return lse, count
