@@ -9,7 +9,7 @@ import torch
 
 # Only light imports at module level: the gloo test's worker processes import this module again.
 from sslpipe.distributed import batch_shuffle, batch_unshuffle
-from sslpipe.losses import infonce_loss, moco_v3_loss
+from sslpipe.losses import batch_infonce_loss, infonce_loss
 from sslpipe.momentum import cosine_momentum, ema_update_
 from tests.helpers import TINY, read_metrics, run_cli, run_distributed
 
@@ -92,37 +92,41 @@ def test_key_encoder_gets_no_gradient_and_is_not_optimised(mode):
 
 
 def _infonce_reference(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float) -> float:
-    """Mean over queries of -log(exp(pos) / (exp(pos) + sum exp(negs))), in float64 loops."""
+    """Mean over queries of -log(exp(pos) / (exp(pos) + sum exp(negs))) of cosines / tau, in float64 loops."""
     total = 0.0
     for i in range(len(q)):
         qi = q[i].double() / q[i].double().norm()
         ki = k[i].double() / k[i].double().norm()
         pos = float(qi @ ki) / tau
-        negs = [float(qi @ queue[j].double()) / tau for j in range(len(queue))]
+        negs = [float(qi @ queue[j].double()) / float(queue[j].double().norm()) / tau for j in range(len(queue))]
         total += -pos + math.log(math.exp(pos) + sum(math.exp(n) for n in negs))
     return total / len(q)
 
 
-def test_infonce_with_queue_matches_a_loop():
+@pytest.mark.parametrize("block", [None, 3])
+def test_infonce_with_queue_matches_a_loop(block):
     torch.manual_seed(0)
     q, k, queue = torch.randn(5, 4), torch.randn(5, 4), torch.nn.functional.normalize(torch.randn(7, 4), dim=1)
-    assert float(infonce_loss(q, k, queue, 0.2)) == pytest.approx(_infonce_reference(q, k, queue, 0.2), rel=1e-5)
+    loss = infonce_loss(q, k, queue, 0.2, block=block)
+    assert float(loss) == pytest.approx(_infonce_reference(q, k, queue, 0.2), rel=1e-5)
 
 
-def _v3_loss_reference(q_all: torch.Tensor, k_all: torch.Tensor, rows: range, tau: float) -> float:
-    """Mean over ``rows`` of -log softmax of q_i's own key among all keys, times 2 tau, by loops."""
+def _batch_infonce_reference(q_all: torch.Tensor, k_all: torch.Tensor, rows: range, tau: float) -> float:
+    """Mean over ``rows`` of -log softmax of q_i's own key among all keys, by loops."""
     total = 0.0
     for i in rows:
         qi = q_all[i].double() / q_all[i].double().norm()
         sims = [float(qi @ (k_all[j].double() / k_all[j].double().norm())) / tau for j in range(len(k_all))]
         total += -sims[i] + math.log(sum(math.exp(s) for s in sims))
-    return 2 * tau * total / len(rows)
+    return total / len(rows)
 
 
-def test_moco_v3_loss_matches_a_loop_on_one_process():
+@pytest.mark.parametrize("block", [None, 4])
+def test_batch_infonce_loss_matches_a_loop_on_one_process(block):
     torch.manual_seed(1)
     q, k = torch.randn(6, 5), torch.randn(6, 5)
-    assert float(moco_v3_loss(q, k, 0.2)) == pytest.approx(_v3_loss_reference(q, k, range(6), 0.2), rel=1e-5)
+    loss = batch_infonce_loss(q, k, 0.2, block=block)
+    assert float(loss) == pytest.approx(_batch_infonce_reference(q, k, range(6), 0.2), rel=1e-5)
 
 
 def test_losses_run_in_fp32_on_bf16_autocast_inputs():
@@ -135,12 +139,12 @@ def test_losses_run_in_fp32_on_bf16_autocast_inputs():
         q, k = x @ w, (x + torch.randn(16, 32, generator=g)) @ w
         assert q.dtype == torch.bfloat16
         v2 = infonce_loss(q, k, queue.bfloat16(), 0.07)
-        v3 = moco_v3_loss(q, k, 0.07)
+        v3 = batch_infonce_loss(q, k, 0.07)
     assert v2.dtype == v3.dtype == torch.float32
     assert float(v2) == pytest.approx(
         _infonce_reference(q.float(), k.float(), queue.bfloat16().float(), 0.07), rel=1e-5
     )
-    assert float(v3) == pytest.approx(_v3_loss_reference(q.float(), k.float(), range(16), 0.07), rel=1e-5)
+    assert float(v3) == pytest.approx(_batch_infonce_reference(q.float(), k.float(), range(16), 0.07), rel=1e-5)
 
 
 def _distributed_shuffle_and_v3_loss(rank: int, world_size: int) -> dict:
@@ -150,7 +154,7 @@ def _distributed_shuffle_and_v3_loss(rank: int, world_size: int) -> dict:
     restored = batch_unshuffle(shuffled * 2 + 1, undo)  # a per-row function applied on the shuffled batch
     g = torch.Generator().manual_seed(3)
     q_all, k_all = torch.randn(2 * 3, 5, generator=g), torch.randn(2 * 3, 5, generator=g)
-    loss = moco_v3_loss(q_all[rank * 3 : (rank + 1) * 3], k_all[rank * 3 : (rank + 1) * 3], 0.2)
+    loss = batch_infonce_loss(q_all[rank * 3 : (rank + 1) * 3], k_all[rank * 3 : (rank + 1) * 3], 0.2)
     return {"x": x, "shuffled": shuffled, "restored": restored, "loss": float(loss), "q": q_all, "k": k_all}
 
 
@@ -165,7 +169,8 @@ def test_shuffle_bn_helpers_and_v3_loss_on_two_gloo_ranks():
         assert torch.equal(r["restored"], r["x"] * 2 + 1)
     q, k = results[0]["q"], results[0]["k"]
     for rank, r in enumerate(results):  # each rank's anchors against the keys of both ranks
-        assert r["loss"] == pytest.approx(_v3_loss_reference(q, k, range(rank * 3, rank * 3 + 3), 0.2), rel=1e-5)
+        expected = _batch_infonce_reference(q, k, range(rank * 3, rank * 3 + 3), 0.2)
+        assert r["loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_v3_with_a_timm_vit_and_frozen_patch_embedding():

@@ -53,39 +53,42 @@ def small_problem():
     g = torch.Generator().manual_seed(0)
     query, image, positive = (torch.randn(3, 4, generator=g, dtype=torch.float64) for _ in range(3))
     negatives = torch.randn(6, 4, generator=g, dtype=torch.float64)
-    mask = torch.ones(3, 6, dtype=torch.bool)
-    mask[0, 2] = mask[1, 5] = mask[2, 0] = False  # each row drops one slot (its own index)
-    return query, image, positive, negatives, mask
+    exclude = torch.tensor([2, 5, -1])  # rows 0 and 1 drop a slot (their own index), row 2 none
+    mask = [[k != int(exclude[b]) for k in range(6)] for b in range(3)]  # row b's D_N
+    return query, image, positive, negatives, exclude, mask
 
 
-def test_nce_loss_and_z_against_explicit_formula(small_problem):
-    query, _, positive, negatives, mask = small_problem
+@pytest.mark.parametrize("block", [None, 2])
+def test_nce_loss_and_z_against_explicit_formula(small_problem, block):
+    query, _, positive, negatives, exclude, mask = small_problem
     tau, num_data = 0.5, 40
-    lists = [t.tolist() for t in (query, positive, negatives, mask)]
+    lists = [t.tolist() for t in (query, positive, negatives)] + [mask]
     z = _ref_z(lists[0], lists[2], lists[3], tau, num_data)
-    log_z = estimate_nce_log_z(query, negatives, num_data, tau, mask)
+    log_z = estimate_nce_log_z(query, negatives, num_data, tau, exclude, block)
     assert float(log_z) == pytest.approx(math.log(z), rel=1e-5)
-    loss = pirl_nce_loss(query, positive, negatives, math.log(z), num_data, tau, mask)
+    loss = pirl_nce_loss(query, positive, negatives, math.log(z), num_data, tau, exclude, block)
     assert float(loss) == pytest.approx(_ref_nce(*lists, tau, z, num_data), rel=1e-5)
-    # Without a mask every row keeps all 6 negatives.
+    # Without exclusions every row keeps all 6 negatives.
     full = [[True] * 6] * 3
-    loss = pirl_nce_loss(query, positive, negatives, math.log(z), num_data, tau)
+    loss = pirl_nce_loss(query, positive, negatives, math.log(z), num_data, tau, block=block)
     assert float(loss) == pytest.approx(_ref_nce(lists[0], lists[1], lists[2], full, tau, z, num_data), rel=1e-5)
 
 
-def test_infonce_loss_against_explicit_formula(small_problem):
-    query, _, positive, negatives, mask = small_problem
-    lists = [t.tolist() for t in (query, positive, negatives, mask)]
-    loss = pirl_infonce_loss(query, positive, negatives, 0.3, mask)
+@pytest.mark.parametrize("block", [None, 4])
+def test_infonce_loss_against_explicit_formula(small_problem, block):
+    query, _, positive, negatives, exclude, mask = small_problem
+    lists = [t.tolist() for t in (query, positive, negatives)] + [mask]
+    loss = pirl_infonce_loss(query, positive, negatives, 0.3, exclude, block)
     assert float(loss) == pytest.approx(_ref_infonce(*lists, 0.3), rel=1e-5)
 
 
 @pytest.mark.parametrize("form", ["nce", "infonce"])
 def test_combined_loss_weights_the_two_terms(small_problem, form):
-    query, image, positive, negatives, mask = small_problem
+    query, image, positive, negatives, exclude, mask = small_problem
     tau, num_data, lam, z = 0.4, 30, 0.3, 25.0
-    total, _, _ = PIRLLoss(form, tau, lam)(query, image, positive, negatives, mask, torch.tensor(math.log(z)), num_data)
-    lists = [positive.tolist(), negatives.tolist(), mask.tolist()]
+    criterion = PIRLLoss(form, tau, lam, block=2)
+    total, _, _ = criterion(query, image, positive, negatives, exclude, torch.tensor(math.log(z)), num_data)
+    lists = [positive.tolist(), negatives.tolist(), mask]
     if form == "nce":
         ref = [_ref_nce(q.tolist(), *lists, tau, z, num_data) for q in (query, image)]
     else:
@@ -93,14 +96,15 @@ def test_combined_loss_weights_the_two_terms(small_problem, form):
     assert float(total) == pytest.approx(lam * ref[0] + (1 - lam) * ref[1], rel=1e-5)
 
 
-def test_losses_are_stable_and_fp32_under_autocast():
+@pytest.mark.parametrize("block", [None, 2])
+def test_losses_are_stable_and_fp32_under_autocast(block):
     torch.manual_seed(0)
     v = torch.randn(1, 8)
     query = v.repeat(4, 1).bfloat16().requires_grad_()
     negatives = v.repeat(5, 1).bfloat16()  # identical to the query: s/tau = 1000, exp overflows fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        nce = pirl_nce_loss(query, query.detach(), negatives, 0.0, 10, temperature=1e-3)
-        info = pirl_infonce_loss(query, query.detach(), negatives, temperature=1e-3)
+        nce = pirl_nce_loss(query, query.detach(), negatives, 0.0, 10, temperature=1e-3, block=block)
+        info = pirl_infonce_loss(query, query.detach(), negatives, temperature=1e-3, block=block)
     assert nce.dtype == info.dtype == torch.float32
     assert torch.isfinite(nce) and torch.isfinite(info)
     assert float(info.detach()) == pytest.approx(math.log(6), rel=1e-4)  # 1 positive among 6 equal logits

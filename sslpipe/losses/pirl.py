@@ -9,7 +9,11 @@ from the ``|D|`` slots::
 so ``-log h`` and ``-log(1 - h)`` are log-sigmoids: stable for any ``s/tau``. ``Z`` (the partition
 function estimate of Wu et al., 2018) is fixed after the first batch; the caller owns it, which
 keeps these functions pure. The InfoNCE form replaces ``h`` by a softmax over the positive and
-the negatives. All math is fp32 whatever the surrounding autocast.
+the negatives. Both are the ``nce`` and ``softmax`` reductions of :mod:`sslpipe.losses.contrastive`.
+
+The batch shares one set of negatives (one matrix product scores them all); row b does not use the
+column ``exclude_col[b]`` (its own slot, see :meth:`sslpipe.memory.MemoryBank.sample_negatives`), so
+``|D_N|`` is the number of negatives minus one for a row that drops a column.
 """
 
 from __future__ import annotations
@@ -18,35 +22,12 @@ import math
 from typing import Literal, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sslpipe.losses.contrastive import ContrastiveBlock, contrastive_row_losses, negative_logsumexp
+
 PIRLLossForm = Literal["nce", "infonce"]
-
-
-def _logits(
-    query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``s/tau`` of each query with its positive ``(B,)`` and with every negative ``(B, K)``."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if query.ndim != 2 or query.shape != positive.shape or negatives.ndim != 2 or negatives.shape[1] != query.shape[1]:
-        raise ValueError(
-            f"expected query and positive (B, d) and negatives (K, d), got {tuple(query.shape)}, "
-            f"{tuple(positive.shape)}, {tuple(negatives.shape)}"
-        )
-    q = F.normalize(query.float(), dim=1)
-    pos = (q * F.normalize(positive.float(), dim=1)).sum(1) / temperature
-    neg = q @ F.normalize(negatives.float(), dim=1).T / temperature
-    return pos, neg
-
-
-def _mask(neg_mask: Optional[torch.Tensor], shape: torch.Size, device: torch.device) -> torch.Tensor:
-    if neg_mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    if neg_mask.shape != shape:
-        raise ValueError(f"neg_mask must be (B, K) = {tuple(shape)}, got {tuple(neg_mask.shape)}")
-    return neg_mask.bool()
+LossAndStats = Union[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def estimate_nce_log_z(
@@ -54,18 +35,21 @@ def estimate_nce_log_z(
     negatives: torch.Tensor,
     num_data: int,
     temperature: float = 0.07,
-    neg_mask: Optional[torch.Tensor] = None,
+    exclude_col: Optional[torch.Tensor] = None,
+    block: ContrastiveBlock = None,
 ) -> torch.Tensor:
-    """``log Z`` with ``Z = |D| * mean exp(s/tau)`` over the (masked) negatives of one batch (a 0-dim tensor)."""
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        _, neg = _logits(query, query, negatives, temperature)
-        mask = _mask(neg_mask, neg.shape, neg.device)
-        count = mask.sum().clamp_min(1)
-        return (
-            torch.logsumexp(neg.masked_fill(~mask, float("-inf")).flatten(), 0)
-            - count.float().log()
-            + math.log(num_data)
-        )
+    """``log Z`` with ``Z = |D| * mean exp(s/tau)`` over every row's negatives of one batch (a 0-dim tensor).
+
+    Args:
+        query: ``(B, d)`` embeddings.
+        negatives: ``(K, d)`` memory-bank entries shared by the batch.
+        num_data: ``|D|``, the number of slots the negatives were drawn from.
+        temperature: ``tau``.
+        exclude_col: ``(B,)`` column of ``negatives`` that row b does not use (-1: none); ``None``: none.
+        block: direct (``None``), tiled (an int) or ``"auto"``; see :mod:`sslpipe.losses.contrastive`.
+    """
+    lse, count = negative_logsumexp(query, negatives, temperature, exclude_col=exclude_col, block=block)
+    return torch.logsumexp(lse, 0) - count.sum().clamp_min(1.0).log() + math.log(num_data)
 
 
 def pirl_nce_loss(
@@ -75,8 +59,10 @@ def pirl_nce_loss(
     log_z: Union[float, torch.Tensor],
     num_data: int,
     temperature: float = 0.07,
-    neg_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    exclude_col: Optional[torch.Tensor] = None,
+    block: ContrastiveBlock = None,
+    return_stats: bool = False,
+) -> LossAndStats:
     """PIRL's NCE loss ``-log h(m_I, q) - sum_{I' in D_N} log(1 - h(q, m_I'))``, averaged over the batch.
 
     Args:
@@ -86,17 +72,24 @@ def pirl_nce_loss(
         log_z: log of the NCE normaliser ``Z`` (see :func:`estimate_nce_log_z`).
         num_data: ``|D|``, the number of slots the negatives were drawn from.
         temperature: ``tau``.
-        neg_mask: ``(B, K)`` bool, True where negative k belongs to row b's ``D_N``; ``|D_N|`` is its
-            row count. ``None``: every negative for every row.
+        exclude_col: ``(B,)`` column of ``negatives`` outside row b's ``D_N`` (-1: none); ``None``: every
+            negative for every row.
+        block: direct (``None``), tiled (an int) or ``"auto"``; see :mod:`sslpipe.losses.contrastive`.
+        return_stats: also return the energies and pretext top-1 of the batch.
     """
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        pos, neg = _logits(query, positive, negatives, temperature)
-        mask = _mask(neg_mask, neg.shape, neg.device)
-        log_noise = mask.sum(1).float().log() - math.log(num_data)  # log(|D_N| / |D|) per row
-        shift = torch.as_tensor(log_z, dtype=torch.float32, device=pos.device) + log_noise  # (B,)
-        pos_term = -F.logsigmoid(pos - shift)
-        neg_term = -F.logsigmoid(shift[:, None] - neg)  # -log(1 - h) = -log sigmoid(-x)
-        return (pos_term + neg_term.masked_fill(~mask, 0.0).sum(1)).mean()
+    out = contrastive_row_losses(
+        query,
+        negatives,
+        temperature,
+        positives=positive,
+        exclude_col=exclude_col,
+        reduction="nce",
+        nce_log_z=log_z,
+        nce_num_data=num_data,
+        block=block,
+        return_stats=return_stats,
+    )
+    return (out[0].mean(), out[1]) if return_stats else out.mean()
 
 
 def pirl_infonce_loss(
@@ -104,17 +97,24 @@ def pirl_infonce_loss(
     positive: torch.Tensor,
     negatives: torch.Tensor,
     temperature: float = 0.07,
-    neg_mask: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    exclude_col: Optional[torch.Tensor] = None,
+    block: ContrastiveBlock = None,
+    return_stats: bool = False,
+) -> LossAndStats:
     """``-log [exp(s(m_I,q)/tau) / (exp(s(m_I,q)/tau) + sum_{I' in D_N} exp(s(q,m_I')/tau))]``, batch mean.
 
-    Arguments as in :func:`pirl_nce_loss`; a cross-entropy over ``[positive, masked negatives]`` logits.
+    Arguments as in :func:`pirl_nce_loss`.
     """
-    with torch.autocast(device_type=query.device.type, enabled=False):
-        pos, neg = _logits(query, positive, negatives, temperature)
-        mask = _mask(neg_mask, neg.shape, neg.device)
-        logits = torch.cat([pos[:, None], neg.masked_fill(~mask, float("-inf"))], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=pos.device))
+    out = contrastive_row_losses(
+        query,
+        negatives,
+        temperature,
+        positives=positive,
+        exclude_col=exclude_col,
+        block=block,
+        return_stats=return_stats,
+    )
+    return (out[0].mean(), out[1]) if return_stats else out.mean()
 
 
 class PIRLLoss(nn.Module):
@@ -124,9 +124,16 @@ class PIRLLoss(nn.Module):
         form: ``nce`` (PIRL's) or ``infonce``.
         temperature: ``tau`` (PIRL: 0.07).
         loss_weight: ``lambda``, the jigsaw term's weight (PIRL: 0.5).
+        block: direct (``None``), tiled (an int) or ``"auto"``; see :mod:`sslpipe.losses.contrastive`.
     """
 
-    def __init__(self, form: PIRLLossForm = "nce", temperature: float = 0.07, loss_weight: float = 0.5) -> None:
+    def __init__(
+        self,
+        form: PIRLLossForm = "nce",
+        temperature: float = 0.07,
+        loss_weight: float = 0.5,
+        block: ContrastiveBlock = None,
+    ) -> None:
         super().__init__()
         if form not in ("nce", "infonce"):
             raise ValueError(f"unknown PIRL loss form {form!r}; choose 'nce' or 'infonce'")
@@ -135,22 +142,28 @@ class PIRLLoss(nn.Module):
         self.form = form
         self.temperature = temperature
         self.loss_weight = loss_weight
+        self.block = block
 
     def term(
         self,
         query: torch.Tensor,
         positive: torch.Tensor,
         negatives: torch.Tensor,
-        neg_mask: Optional[torch.Tensor],
+        exclude_col: Optional[torch.Tensor],
         log_z: Optional[torch.Tensor],
         num_data: Optional[int],
-    ) -> torch.Tensor:
+        return_stats: bool = False,
+    ) -> LossAndStats:
         """One ``L(m_I, query)`` term in the configured form."""
         if self.form == "infonce":
-            return pirl_infonce_loss(query, positive, negatives, self.temperature, neg_mask)
+            return pirl_infonce_loss(
+                query, positive, negatives, self.temperature, exclude_col, self.block, return_stats
+            )
         if log_z is None or num_data is None:
             raise ValueError("the 'nce' form needs log_z (estimate it once with estimate_nce_log_z) and num_data (|D|)")
-        return pirl_nce_loss(query, positive, negatives, log_z, num_data, self.temperature, neg_mask)
+        return pirl_nce_loss(
+            query, positive, negatives, log_z, num_data, self.temperature, exclude_col, self.block, return_stats
+        )
 
     def forward(
         self,
@@ -158,11 +171,19 @@ class PIRLLoss(nn.Module):
         image: torch.Tensor,
         positive: torch.Tensor,
         negatives: torch.Tensor,
-        neg_mask: Optional[torch.Tensor] = None,
+        exclude_col: Optional[torch.Tensor] = None,
         log_z: Optional[torch.Tensor] = None,
         num_data: Optional[int] = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(total, jigsaw term, image term)`` for ``g(v_{I^t})``, ``f(v_I)`` and memory entries ``m_I``."""
-        jig = self.term(jigsaw, positive, negatives, neg_mask, log_z, num_data)
-        img = self.term(image, positive, negatives, neg_mask, log_z, num_data)
+        return_stats: bool = False,
+    ) -> Union[tuple[torch.Tensor, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+        """``(total, jigsaw term, image term)`` for ``g(v_{I^t})``, ``f(v_I)`` and memory entries ``m_I``.
+
+        With ``return_stats`` a fourth item: the statistics of the jigsaw term (the transformation-invariance
+        task PIRL is about).
+        """
+        jig = self.term(jigsaw, positive, negatives, exclude_col, log_z, num_data, return_stats)
+        img = self.term(image, positive, negatives, exclude_col, log_z, num_data)
+        if return_stats:
+            jig, stats = jig
+            return self.loss_weight * jig + (1.0 - self.loss_weight) * img, jig, img, stats
         return self.loss_weight * jig + (1.0 - self.loss_weight) * img, jig, img

@@ -7,10 +7,9 @@ low only near the data. Only the hidden patches are scored: predicting the visib
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from torch import nn
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -69,22 +68,3 @@ def masked_l1_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torc
     with torch.autocast(device_type=pred.device.type, enabled=False):
         per_patch = (pred.float() - target.float()).abs().mean(dim=-1)
         return _masked_mean(per_patch, mask)
-
-
-class MaskedReconstructionLoss(nn.Module):
-    """Module form: ``kind`` ``mse`` (MAE, optional ``norm_pix``) or ``l1`` (SimMIM) on the hidden patches."""
-
-    def __init__(self, kind: Literal["mse", "l1"] = "mse", norm_pix: bool = False) -> None:
-        super().__init__()
-        if kind not in ("mse", "l1"):
-            raise ValueError(f"unknown reconstruction loss {kind!r}: choose 'mse' or 'l1'")
-        if kind == "l1" and norm_pix:
-            raise ValueError("norm_pix is implemented for the mse loss only; set norm_pix false or kind 'mse'")
-        self.kind = kind
-        self.norm_pix = norm_pix
-
-    def forward(self, pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Loss of ``(B, L, D)`` predictions against targets on the patches where ``mask`` is 1."""
-        if self.kind == "l1":
-            return masked_l1_loss(pred, target, mask)
-        return masked_mse_loss(pred, target, mask, self.norm_pix)
