@@ -61,8 +61,10 @@ def test_negatives_exclude_own_index_and_are_uniform():
     torch.manual_seed(0)
     trials = 3000
     for _ in range(trials):
-        slots, mask = bank.sample_negatives(indices, 4)
-        assert slots.shape == (5,) and mask.shape == (4, 5)
+        slots, exclude = bank.sample_negatives(indices, 4)
+        assert slots.shape == (5,) and exclude.shape == (4,)
+        mask = torch.ones(4, 5, dtype=torch.bool)
+        mask[torch.arange(4), exclude] = False
         assert len(set(slots.tolist())) == 5  # distinct slots
         assert mask.sum(1).tolist() == [4, 4, 4, 4]  # exactly |D_N| per row
         for row, own in enumerate(indices.tolist()):
@@ -79,7 +81,9 @@ def test_negatives_exclude_own_index_and_are_uniform():
 def test_negatives_at_the_cap_are_every_other_slot():
     bank = MemoryBank(7, 2)
     indices = torch.tensor([6, 0, 3])
-    slots, mask = bank.sample_negatives(indices, 6)
+    slots, exclude = bank.sample_negatives(indices, 6)
+    mask = torch.ones(len(indices), 7, dtype=torch.bool)
+    mask[torch.arange(len(indices)), exclude] = False
     for row, own in enumerate(indices.tolist()):
         assert sorted(slots[mask[row]].tolist()) == [i for i in range(7) if i != own]
 

@@ -149,7 +149,7 @@ def test_pirl_step_loss_from_the_bank_before_the_update_and_the_configured_bank_
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[0, 1] = False
     mask[1:, -1] = False
-    model.memory.sample_negatives = lambda idx, num: (slots, mask)
+    model.memory.sample_negatives = lambda idx, num: (slots, torch.tensor([1, 5, 5, 5]))
     ref = copy.deepcopy(model)
     image_emb = ref.head_f(ref.backbone(images))
     tile_emb = ref.tile_head(ref.backbone(tiles.flatten(0, 1))).reshape(4, -1)

@@ -7,6 +7,7 @@ one core in :mod:`sslpipe.losses.contrastive` (direct or tiled logits, chosen by
 from sslpipe.losses.contrastive import (
     AUTO_BLOCK,
     AUTO_DIRECT_MAX_ENTRIES,
+    DEFAULT_BLOCK,
     ContrastiveBlock,
     contrastive_row_losses,
     resolve_block,
@@ -19,6 +20,7 @@ from sslpipe.losses.reconstruction import masked_l1_loss, masked_mse_loss
 __all__ = [
     "AUTO_BLOCK",
     "AUTO_DIRECT_MAX_ENTRIES",
+    "DEFAULT_BLOCK",
     "ContrastiveBlock",
     "contrastive_row_losses",
     "resolve_block",

@@ -44,6 +44,8 @@ Reduction = Literal["softmax", "nce"]
 
 # Direct form up to 2^26 logits (256 MiB per fp32 (N, M) matrix; the direct form holds a few of them
 # through the backward). Both constants are starting points, to be tuned with scripts/bench_loss.py on a GPU.
+#: The methods' ``contrastive_block`` default: direct logits for small problems, tiles for large ones.
+DEFAULT_BLOCK: ContrastiveBlock = "auto"
 AUTO_DIRECT_MAX_ENTRIES = 1 << 26
 AUTO_BLOCK = 4096
 

@@ -59,16 +59,15 @@ class MemoryBank(StepState):
         Either way a row keeps exactly ``num`` slots, a uniform draw from the other ``size - 1``.
 
         Returns:
-            ``(slots, mask)``: ``slots`` ``(num + 1,)`` on the bank's device, and ``mask``
-            ``(B, num + 1)`` bool on ``indices``' device, True where a slot is a negative of that row.
+            ``(slots, exclude)``: ``slots`` ``(num + 1,)`` on the bank's device, and ``exclude`` ``(B,)``
+            long on ``indices``' device, the position in ``slots`` each row drops (the losses'
+            ``exclude_col``).
         """
         if not 1 <= num <= self.size - 1:
             raise ValueError(f"num negatives must be in [1, {self.size - 1}] for a bank of {self.size}, got {num}")
         slots = torch.randperm(self.size, device=self.bank.device)[: num + 1]
         own = slots.to(indices.device)[None, :] == indices[:, None]  # (B, num+1), at most one True per row
-        drop = own.clone()
-        drop[:, -1] |= ~own.any(1)
-        return slots, ~drop
+        return slots, torch.where(own.any(1), own.int().argmax(1), num)
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor, embeddings: torch.Tensor) -> None:

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslpipe.batchnorm import BatchNormPolicy
-from sslpipe.evaluation.diagnostics import contrastive_energies
 from sslpipe.heads import mlp
-from sslpipe.losses import infonce_logits
+from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock, infonce_loss
 from sslpipe.memory import MomentumQueue
 from sslpipe.methods.base import SSLMethod, SSLOutput
 from sslpipe.momentum import MomentumEncoder
@@ -36,6 +35,8 @@ class MoCoV2(SSLMethod):
         bn_splits: normalise over this many sub-batches per device (emulated devices; the single-device
             stand-in for shuffle-BN, as in the official MoCo CIFAR demo).
         sync_bn: SyncBatchNorm everywhere (excludes ``shuffle_bn``).
+        contrastive_block: logits of the loss in row/column tiles of this size with a recomputing backward
+            (memory O(N*d + block^2)); ``null``: the direct (N, M) matrix; ``auto``: by size.
         **kwargs: the shared :class:`SSLMethod` arguments (backbone, optimiser, schedule, probe).
     """
 
@@ -54,11 +55,12 @@ class MoCoV2(SSLMethod):
         shuffle_bn: bool = True,
         bn_splits: int = 1,
         sync_bn: bool = False,
+        contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.bn = BatchNormPolicy(bn_splits, shuffle_bn, sync_bn)
-        self.temperature = temperature
+        self.temperature, self.contrastive_block = temperature, contrastive_block
         self.projector = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers, proj_batch_norm)
         if sync_bn:
             self.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.backbone)
@@ -82,15 +84,11 @@ class MoCoV2(SSLMethod):
         # Queries, like keys, pass every BatchNorm (backbone and projector) in bn_splits groups.
         features = self.bn.split(self.encode, x1)
         q, k = self.bn.split(self.projector, features), self.keys(x2)
-        # A copy: the enqueue below overwrites rows the matmul's backward still needs.
-        logits = infonce_logits(q, k, self.queue.queue.clone(), self.temperature)
-        loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        # A copy: the enqueue below overwrites rows the loss's backward still needs.
+        queue = self.queue.queue.clone()
+        loss, logs = infonce_loss(q, k, queue, self.temperature, block=self.contrastive_block, return_stats=True)
         self.queue.enqueue(k)
-        logs = {
-            "pretext_top1": (logits.argmax(1) == 0).float().mean(),
-            "key_momentum": self.key_encoder.momentum_at(self.global_step, self.total_steps),
-            **contrastive_energies(q.detach(), k),
-        }
+        logs["key_momentum"] = self.key_encoder.momentum_at(self.global_step, self.total_steps)
         return SSLOutput(loss=loss, features=features, logs=logs)
 
     def on_fit_start(self) -> None:

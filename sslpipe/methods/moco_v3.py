@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sslpipe.batchnorm import BatchNormPolicy
-from sslpipe.evaluation.diagnostics import contrastive_energies
 from sslpipe.heads import mlp
-from sslpipe.losses import moco_v3_loss
+from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock, batch_infonce_loss
 from sslpipe.methods.base import SSLMethod, SSLOutput
 from sslpipe.momentum import MomentumEncoder
 
@@ -32,6 +31,8 @@ class MoCoV3(SSLMethod):
         key_momentum_cosine: the cosine schedule to 1 (MoCo v3: on).
         shuffle_bn, bn_splits, sync_bn: BatchNorm handling (:mod:`sslpipe.batchnorm`; MoCo v3 uses SyncBN).
         freeze_patch_embed: keep a ViT's random patch projection fixed (MoCo v3's stability trick).
+        contrastive_block: logits of the loss in row/column tiles of this size with a recomputing backward
+            (memory O(N*d + block^2)); ``null``: the direct (N, M) matrix; ``auto``: by size.
         **kwargs: the shared :class:`SSLMethod` arguments (backbone, optimiser, schedule, probe).
     """
 
@@ -50,11 +51,12 @@ class MoCoV3(SSLMethod):
         bn_splits: int = 1,
         sync_bn: bool = False,
         freeze_patch_embed: bool = False,
+        contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.bn = BatchNormPolicy(bn_splits, shuffle_bn, sync_bn)
-        self.temperature = temperature
+        self.temperature, self.contrastive_block = temperature, contrastive_block
         self.projector = mlp(
             self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers, batch_norm=True, last_batch_norm=True
         )
@@ -90,11 +92,11 @@ class MoCoV3(SSLMethod):
         self.bn.check_batch(x1.shape[0])
         (features, q1), (_, q2) = self.query(x1), self.query(x2)
         k1, k2 = self.keys(x1), self.keys(x2)
-        loss = moco_v3_loss(q1, k2, self.temperature) + moco_v3_loss(q2, k1, self.temperature)
-        logs = {
-            "key_momentum": self.key_encoder.momentum_at(self.global_step, self.total_steps),
-            **contrastive_energies(q1.detach(), k2),
-        }
+        tau, block = self.temperature, self.contrastive_block
+        first, logs = batch_infonce_loss(q1, k2, tau, block=block, return_stats=True)
+        # The paper's 2 tau factor makes the gradient's scale independent of tau.
+        loss = 2 * tau * (first + batch_infonce_loss(q2, k1, tau, block=block))
+        logs["key_momentum"] = self.key_encoder.momentum_at(self.global_step, self.total_steps)
         return SSLOutput(loss=loss, features=features, logs=logs)
 
     def on_fit_start(self) -> None:

@@ -12,8 +12,8 @@ from torch import nn
 
 from sslpipe.augment.jigsaw import NUM_TILES
 from sslpipe.distributed import gather_no_grad
-from sslpipe.evaluation.diagnostics import contrastive_energies
 from sslpipe.heads import mlp
+from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock
 from sslpipe.losses.pirl import PIRLLoss, PIRLLossForm, estimate_nce_log_z
 from sslpipe.memory.bank import MemoryBank
 from sslpipe.methods.base import SSLMethod, SSLOutput
@@ -57,6 +57,7 @@ class PIRL(SSLMethod):
         loss_weight: float = 0.5,
         bank_on_cpu: bool = False,
         bank_seed: int = 0,
+        contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -65,7 +66,7 @@ class PIRL(SSLMethod):
         self.head_f = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers)
         self.tile_head = mlp(self.feature_dim, proj_hidden_dim, tile_dim, proj_num_layers)
         self.head_g = nn.Linear(NUM_TILES * tile_dim, proj_output_dim)
-        self.criterion = PIRLLoss(loss_form, temperature, loss_weight)
+        self.criterion = PIRLLoss(loss_form, temperature, loss_weight, block=contrastive_block)
         # log Z of the NCE form, estimated on the first batch; NaN until then. A buffer: checkpointed.
         self.register_buffer("nce_log_z", torch.tensor(float("nan")))
         self._z_ready = False
@@ -105,11 +106,11 @@ class PIRL(SSLMethod):
                 f"in the memory bank; using {self.num_negatives_used}"
             )
 
-    def _log_z(self, queries: torch.Tensor, negatives: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _log_z(self, queries: torch.Tensor, negatives: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
         """Z is estimated once, from the first batch, averaged over ranks so every rank uses the same Z."""
         if not self._z_ready:
             if torch.isnan(self.nce_log_z):
-                local = estimate_nce_log_z(queries, negatives, self.memory.size, self.criterion.temperature, mask)
+                local = estimate_nce_log_z(queries, negatives, self.memory.size, self.criterion.temperature, exclude)
                 per_rank = gather_no_grad(local.reshape(1))
                 self.nce_log_z.copy_(torch.logsumexp(per_rank, 0) - math.log(per_rank.numel()))
             self._z_ready = True
@@ -134,18 +135,16 @@ class PIRL(SSLMethod):
         jigsaw_emb = self.head_g(tile_emb.reshape(b, NUM_TILES * tile_emb.shape[1]))
 
         positive = self.memory.get(indices)
-        slots, mask = self.memory.sample_negatives(indices, self.num_negatives_used)
+        slots, exclude = self.memory.sample_negatives(indices, self.num_negatives_used)
         negatives = self.memory.get(slots).to(images.device)
         log_z = None
         if self.criterion.form == "nce":
             queries = torch.cat([jigsaw_emb, image_emb]).detach()
-            log_z = self._log_z(queries, negatives, torch.cat([mask, mask]))
-        loss, jig, img = self.criterion(jigsaw_emb, image_emb, positive, negatives, mask, log_z, self.memory.size)
+            log_z = self._log_z(queries, negatives, torch.cat([exclude, exclude]))
+        loss, jig, img, stats = self.criterion(
+            jigsaw_emb, image_emb, positive, negatives, exclude, log_z, self.memory.size, return_stats=True
+        )
         # The bank moves after the loss: m_I in this step's loss is the memory from earlier epochs.
         self.memory.update(indices, F.normalize(image_emb.detach().float(), dim=1))
-        logs = {
-            "loss_jigsaw": jig.detach(),
-            "loss_image": img.detach(),
-            **contrastive_energies(jigsaw_emb.detach(), positive),
-        }
+        logs = {"loss_jigsaw": jig.detach(), "loss_image": img.detach(), **stats}
         return SSLOutput(loss=loss, features=features, logs=logs)

@@ -6,9 +6,8 @@ from typing import Any, Optional
 
 import torch
 
-from sslpipe.evaluation.diagnostics import contrastive_energies
 from sslpipe.heads import mlp
-from sslpipe.losses import nt_xent_loss
+from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock, nt_xent_loss
 from sslpipe.methods.base import SSLMethod, SSLOutput
 
 
@@ -21,6 +20,8 @@ class SimCLR(SSLMethod):
         proj_num_layers: Linear layers in the projection MLP (SimCLR v1: 2, v2: 3).
         temperature: NT-Xent temperature (0.1 for large ImageNet batches, 0.2-0.5 for CIFAR).
         gather_negatives: under DDP take negatives from every rank (SimCLR's global batch).
+        contrastive_block: logits of the loss in row/column tiles of this size with a recomputing backward
+            (memory O(N*d + block^2)); ``null``: the direct (N, M) matrix; ``auto``: by size.
         **kwargs: the shared :class:`SSLMethod` arguments (backbone, optimiser, schedule, probe).
     """
 
@@ -31,12 +32,14 @@ class SimCLR(SSLMethod):
         proj_num_layers: int = 2,
         temperature: float = 0.1,
         gather_negatives: bool = True,
+        contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.projector = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers)
         self.temperature = temperature
         self.gather_negatives = gather_negatives
+        self.contrastive_block = contrastive_block
 
     def ssl_step(self, views: list[torch.Tensor], indices: Optional[torch.Tensor] = None) -> SSLOutput:
         """NT-Xent between the projections of the first two views."""
@@ -46,5 +49,7 @@ class SimCLR(SSLMethod):
         features = self.encode(torch.cat([x1, x2]))
         z = self.projector(features)
         z1, z2 = z[:n], z[n:]
-        loss = nt_xent_loss(z1, z2, self.temperature, gather=self.gather_negatives)
-        return SSLOutput(loss=loss, features=features[:n], logs=contrastive_energies(z1.detach(), z2.detach()))
+        loss, logs = nt_xent_loss(
+            z1, z2, self.temperature, self.gather_negatives, block=self.contrastive_block, return_stats=True
+        )
+        return SSLOutput(loss=loss, features=features[:n], logs=logs)
