@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sslpipe.evaluation.commands:kmeans",
         "--checkpoint CKPT [--config FILE] ...  k-means of val features: NMI, ARI, acc.",
     ),
+    "energy": ("sslpipe.energy:main", "[--data spiral|moons|rings] [--k K]    energy landscapes, 4 families, 2-D"),
     "report": (
         "sslpipe.evaluation.report:main",
         "RUN_DIR [RUN_DIR ...]                  table of the runs' metrics.json",
