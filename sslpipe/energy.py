@@ -32,7 +32,7 @@ EnergyFn = Callable[[torch.Tensor], torch.Tensor]  # (N, 2) points -> (N,) energ
 
 
 # ----------------------------------------------------------------------------------------------- data
-def make_data(name: str, num_points: int, noise: float = 0.1, seed: int = 0) -> torch.Tensor:
+def make_data(name: str, num_points: int, noise: float, seed: int) -> torch.Tensor:
     """``(num_points, 2)`` float32 points of a 2-D toy set, centred and scaled to ``[-0.75 BOX, 0.75 BOX]``.
 
     ``noise`` is the std of Gaussian jitter added after scaling (in plot units).
@@ -95,13 +95,13 @@ def kmeans_energy(y: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return kmeans_code_energies(y, centroids).min(dim=1).values
 
 
-def fit_kmeans(x: torch.Tensor, k: int = 20, seed: int = 0) -> torch.Tensor:
+def fit_kmeans(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     """``(k, 2)`` K-means centroids of ``x`` (faiss, Lloyd's algorithm with a few restarts)."""
     import faiss
 
     if not 1 <= k <= len(x):
         raise ValueError(f"k must be in [1, {len(x)}] (the number of training points), got {k}")
-    faiss.omp_set_num_threads(torch.get_num_threads())  # one thread: the same centroids on every machine
+    faiss.omp_set_num_threads(torch.get_num_threads())  # faiss follows --threads too
     km = faiss.Kmeans(2, k, niter=50, nredo=3, seed=seed, verbose=False)
     km.train(np.ascontiguousarray(x.numpy(), dtype=np.float32))
     return torch.from_numpy(km.centroids.copy())
@@ -115,11 +115,11 @@ def dae_energy(y: torch.Tensor, decoder: nn.Module) -> torch.Tensor:
 
 def train_dae(
     x: torch.Tensor,
-    steps: int = 600,
+    steps: int,
+    seed: int,
     batch_size: int = 512,
     sigma_range: tuple[float, float] = (0.05, 1.0),
     lr: float = 3e-3,
-    seed: int = 0,
 ) -> nn.Module:
     """An MLP g trained to map corrupted points x + sigma * eps back onto x (Adam).
 
@@ -136,7 +136,7 @@ def train_dae(
             batch = x[torch.randint(len(x), (batch_size,))]
             sigma = (torch.rand(batch_size, 1) * (log_hi - log_lo) + log_lo).exp()
             error = ((g(batch + sigma * torch.randn_like(batch)) - batch) ** 2).sum(dim=1, keepdim=True)
-            loss = (error / sigma**2).mean() * sigma_range[0] ** 2
+            loss = (error / sigma**2).mean() * sigma_range[0] ** 2  # scaled back to the smallest noise's units
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -157,12 +157,12 @@ def infonce_energy_loss(positive_energy: torch.Tensor, negative_energy: torch.Te
 
 def train_infonce(
     x: torch.Tensor,
-    steps: int = 600,
+    steps: int,
+    seed: int,
     batch_size: int = 512,
     num_negatives: int = 512,
     negative_box: float = 4 / 3 * BOX,
     lr: float = 3e-3,
-    seed: int = 0,
 ) -> nn.Module:
     """An energy MLP (scalar out) trained by :func:`infonce_energy_loss`; negatives uniform over an enlarged box."""
     with torch.random.fork_rng(devices=[]):
@@ -195,14 +195,14 @@ def langevin(energy: EnergyFn, y: torch.Tensor, steps: int, step_size: float, no
 
 def train_cd(
     x: torch.Tensor,
-    steps: int = 600,
+    steps: int,
+    seed: int,
     batch_size: int = 256,
     langevin_steps: int = 5,
     step_size: float = 0.1,
     noise_scale: float = 0.3,
     regulariser: float = 0.01,
     lr: float = 3e-3,
-    seed: int = 0,
 ) -> tuple[nn.Module, torch.Tensor]:
     """An energy MLP trained by contrastive divergence; returns it and the negatives' mean energy per step.
 
@@ -285,7 +285,7 @@ def plot_landscapes(
         ax.contour(gx, gy, surface, levels=levels[1:-1], colors="white", linewidths=0.5, alpha=0.6, linestyles="solid")
         ax.scatter(train[:, 0], train[:, 1], s=2, c="red", alpha=0.6, linewidths=0)
         n = numbers[name]
-        measured = f"mean E: held-out data {n['data_energy']:.2f} | uniform box {n['uniform_energy']:.2f}"
+        measured = f"mean E: held-out data {n['data_energy']:.3g} | uniform box {n['uniform_energy']:.3g}"
         ax.set_title(f"{FAMILIES[name].format(k=k)}\n{measured}", fontsize=10)
         ax.set_aspect("equal")
         ax.set_xticks([])

@@ -21,6 +21,7 @@ from sslpipe.energy import (
     langevin,
     make_data,
     train_all,
+    train_dae,
     train_infonce,
     uniform_box,
 )
@@ -96,11 +97,11 @@ def test_data_is_seeded_and_inside_the_box():
         assert torch.equal(x, make_data(name, 500, noise=0.1, seed=3))
         assert not torch.equal(x, make_data(name, 500, noise=0.1, seed=4))
     with pytest.raises(ValueError, match="spiral"):
-        make_data("swissroll", 10)
+        make_data("swissroll", 10, noise=0.1, seed=0)
 
 
 def test_training_is_deterministic_under_the_seed_and_leaves_the_global_rng_alone():
-    x = make_data("moons", 400, seed=0)
+    x = make_data("moons", 400, noise=0.1, seed=0)
     before = torch.get_rng_state()
     a, b, c = (train_infonce(x, steps=5, seed=s) for s in (0, 0, 1))
     assert torch.equal(torch.get_rng_state(), before)
@@ -110,9 +111,21 @@ def test_training_is_deterministic_under_the_seed_and_leaves_the_global_rng_alon
         assert not torch.equal(a(probe), c(probe))
 
 
+def test_dae_moves_corrupted_points_back_towards_their_originals():
+    # What makes it a *denoising* autoencoder: measured ratio 0.72-0.73 over seeds 0-4; an autoencoder
+    # trained on clean points (no corruption) gives 0.91-0.98.
+    x = make_data("moons", 2000, noise=0.1, seed=0)
+    decoder = train_dae(x[:1600], steps=TEST_STEPS, seed=0)
+    clean = x[1600:]
+    noisy = clean + 0.2 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ratio = ((decoder(noisy) - clean) ** 2).sum(dim=1).mean() / ((noisy - clean) ** 2).sum(dim=1).mean()
+    assert ratio < 0.85
+
+
 @pytest.fixture(scope="module")
 def trained():
-    x = make_data("spiral", 2000, seed=0)
+    x = make_data("spiral", 2000, noise=0.1, seed=0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the command runs; small MLPs gain nothing from more threads on a busy machine
     try:
@@ -172,9 +185,11 @@ def test_command_creates_a_run_directory_when_no_output_is_given(tmp_path):
 
 
 @pytest.mark.slow
-def test_command_with_default_settings_finishes_within_a_minute(tmp_path):
+def test_command_with_default_settings_needs_well_under_a_minute_of_one_core(tmp_path):
+    # CPU time of this process, not wall time: the command runs on one thread, so this is its wall time on an
+    # idle core, and it does not depend on what else the machine runs (the wall time does, several-fold).
     out = str(tmp_path / "energy")
-    start = time.perf_counter()
+    start = time.process_time()
     cli.main(["energy", "--output", out])
-    assert time.perf_counter() - start < 60
+    assert time.process_time() - start < 45
     _check_run(out, steps=600)
