@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "sslpipe.evaluation.export:main",
         "--checkpoint CKPT --output FILE ...    backbone as safetensors for timm/torchvision",
     ),
+    "energy": ("sslpipe.energy:main", "[--data spiral|moons|rings] [--k K]    energy landscapes, 4 families, 2-D"),
     "report": (
         "sslpipe.evaluation.report:main",
         "RUN_DIR [RUN_DIR ...]                  table of the runs' metrics.json",
