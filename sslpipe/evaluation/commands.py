@@ -90,6 +90,7 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     from pytorch_lightning import seed_everything
 
     from sslpipe.data import SSLDataModule
+    from sslpipe.errors import DataError
     from sslpipe.evaluation.features import cache_key, cached_features, extract_features
     from sslpipe.methods import load_method
     from sslpipe.runs import make_run_dir
@@ -104,6 +105,11 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     model = load_method(cfg.checkpoint, random_init=cfg.random_init)
     method = model.method_label(dict(model.hparams)) + ("-random" if cfg.random_init else "")
     data = SSLDataModule(**{k: v for k, v in cfg.data.as_dict().items() if k != "views"})
+    if data.num_classes == 0:
+        raise DataError(
+            f"this checkpoint was pretrained on unlabeled data ({data.root}); pass --data.eval_root DIR with "
+            "train/ and val/ class folders (or --data.dataset/--data.root of a labelled dataset)"
+        )
     run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         f.write(parser.dump(cfg, skip_none=False))
@@ -125,7 +131,7 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
             seed=seed,
             split=split,
             dataset=data.dataset,
-            root=os.path.abspath(data.root),
+            root=os.path.abspath(data.labelled_root),
             image_size=data.image_size,
             precision=precision,
         )
