@@ -107,8 +107,8 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     data = SSLDataModule(**{k: v for k, v in cfg.data.as_dict().items() if k != "views"})
     if data.num_classes == 0:
         raise DataError(
-            f"this checkpoint was pretrained on unlabeled data ({data.root}); pass --data.eval_root DIR with "
-            "train/ and val/ class folders (or --data.dataset/--data.root of a labelled dataset)"
+            "this checkpoint was pretrained on unlabeled data; pass --data.eval_root DIR with train/ and val/ "
+            f"class folders (or --data.dataset/--data.root of a labelled dataset). data.root: {data.root}"
         )
     run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
