@@ -115,7 +115,10 @@ def unlabeled(workdir) -> dict[str, str]:
     write_classes(str(labelled / "train"), {"p": 6, "q": 6}, seed=700)
     write_classes(str(labelled / "val"), {"p": 3, "q": 3}, seed=800)
     runs = str(workdir / "runs_unlabeled")
-    run_dir, _ = run_cli(_pretrain(runs, "--data.dataset", "unlabeled", "--data.root", root))
+    # eval_root given at pretraining: stored in the checkpoint, where evaluation finds it; still no probe
+    run_dir, _ = run_cli(
+        _pretrain(runs, "--data.dataset", "unlabeled", "--data.root", root, "--data.eval_root", str(labelled))
+    )
     return {"root": root, "labelled": str(labelled), "runs": runs, "run_dir": run_dir}
 
 
@@ -124,7 +127,8 @@ def test_unlabeled_pretrains_without_probe(unlabeled):
     metrics = read_metrics(run_dir)
     assert metrics["global_step"] == 3 and metrics["online_linear_top1"] is None
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
-    assert ckpt["hyper_parameters"]["num_classes"] == 0
+    assert ckpt["hyper_parameters"]["num_classes"] == 0  # eval_root has 2 classes, the pretraining images none
+    assert ckpt["datamodule_hyper_parameters"]["eval_root"] == unlabeled["labelled"]
     assert not any(k.startswith("probe.") for k in ckpt["state_dict"])
     assert not os.path.exists(os.path.join(run_dir, "checkpoints", "best.ckpt"))  # nothing to monitor
 
@@ -133,7 +137,9 @@ def test_unlabeled_pretrains_without_probe(unlabeled):
 def test_evaluating_unlabeled_checkpoint_needs_eval_root(unlabeled, command, capsys):
     ckpt = os.path.join(unlabeled["run_dir"], "checkpoints", "last.ckpt")
     with pytest.raises(SystemExit) as exit_info:
-        main([command, "--checkpoint", ckpt, "--trainer.default_root_dir", unlabeled["runs"]])
+        main(
+            [command, "--checkpoint", ckpt, "--trainer.default_root_dir", unlabeled["runs"], "--data.eval_root", "null"]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "pretrained on unlabeled data; pass --data.eval_root DIR with train/ and val/ class folders" in err
@@ -142,7 +148,7 @@ def test_evaluating_unlabeled_checkpoint_needs_eval_root(unlabeled, command, cap
 def test_evaluating_unlabeled_checkpoint_on_eval_root(unlabeled):
     ckpt = os.path.join(unlabeled["run_dir"], "checkpoints", "last.ckpt")
     common = ["--checkpoint", ckpt, "--trainer.default_root_dir", unlabeled["runs"]]
-    common += ["--data.eval_root", unlabeled["labelled"], "--data.eval_batch_size", "64"]
+    common += ["--data.eval_batch_size", "64"]  # eval_root comes from the checkpoint
     knn_dir, _ = run_cli(["knn", *common, "--knn.k", "3"])
     assert 0.0 <= read_metrics(knn_dir)["knn_top1"] <= 100.0
     linear_dir, _ = run_cli(["linear", *common, "--linear.epochs", "2", "--linear.lrs", "[0.1]"])
