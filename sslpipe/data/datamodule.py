@@ -18,7 +18,7 @@ from sslpipe.data.datasets import (
     imagefolder_num_classes,
 )
 from sslpipe.data.scan import OnBadImage
-from sslpipe.errors import ConfigError
+from sslpipe.errors import ConfigError, DataError
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -134,8 +134,16 @@ class SSLDataModule(pl.LightningDataModule):
         if self.download:
             for split in ("pretrain", "val"):
                 build_dataset(self.dataset, self.root, split, None, download=True)
-        for split in self._fit_splits():
-            self.split_dataset(split)
+        problems: list[DataError] = []
+        for split in self._fit_splits():  # every split checked, all problems reported together
+            try:
+                self.split_dataset(split)
+            except DataError as err:
+                problems.append(err)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise DataError("\n".join(str(err) for err in problems))
 
     def get_dataset(self, split: Split, transform: Any) -> Dataset:
         """Build ``split`` with ``transform`` (uncached; :meth:`split_dataset` keeps one per split)."""

@@ -98,7 +98,8 @@ def shared_classes(train_dir: str, val_dir: str) -> list[str]:
     """
     classes = class_folders(train_dir)
     val_classes = class_folders(val_dir)
-    unknown = [c for c in val_classes if c not in set(classes)]
+    known, present = set(classes), set(val_classes)
+    unknown = [c for c in val_classes if c not in known]
     if unknown:
         names = ", ".join(repr(c) for c in unknown[:_MAX_LISTED]) + (
             f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
@@ -108,7 +109,7 @@ def shared_classes(train_dir: str, val_dir: str) -> list[str]:
             f"{os.path.abspath(train_dir)!r}. Labels are the indices of train's class folders, so these images "
             "would have no label: add the class to train/ or remove it from val/."
         )
-    missing = [c for c in classes if c not in set(val_classes)]
+    missing = [c for c in classes if c not in present]
     if missing:
         log_warning(
             f"data: {len(missing)} train class(es) have no folder in {os.path.abspath(val_dir)!r} "
