@@ -116,11 +116,15 @@ class ReconstructionLogger(pl.Callback):
 
     def _fixed_batch(self, trainer: pl.Trainer) -> Optional[torch.Tensor]:
         if self._images is None:
-            # Index the validation set directly: no loader workers spawned for eight images.
-            loader = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
-            if loader is None:
+            # Index the dataset directly: no loader workers spawned for eight images. The datamodule's preview
+            # set is val, or the pretraining images of unlabeled data (no val split).
+            dm = trainer.datamodule
+            if dm is not None and hasattr(dm, "preview_dataset"):
+                dataset = dm.preview_dataset()
+            elif trainer.val_dataloaders is not None:
+                dataset = trainer.val_dataloaders.dataset
+            else:
                 return None
-            dataset = loader.dataset
             self._images = torch.stack([dataset[i][0] for i in range(min(self.num_images, len(dataset)))])
         return self._images
 

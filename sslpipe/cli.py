@@ -3,11 +3,15 @@
 Each command is a function ``fn(argv) -> Optional[str]`` in the module that owns its idea; this file
 only dispatches. A command that creates a run directory returns it, and it is printed as the last
 line on rank 0 (scripts read it with ``tail -n 1``).
+
+A :class:`~sslpipe.errors.UserError` (bad data, bad settings) is printed as its message alone and exits
+with status 2; ``--debug`` (anywhere on the line) or ``SSLPIPE_DEBUG=1`` shows its traceback instead.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -90,13 +94,24 @@ def usage() -> str:
     """The top-level help text, built from :data:`COMMANDS`."""
     lines = [f"usage: sslpipe {{{','.join(COMMANDS)}}} [options]", ""]
     lines += [f"  {name:<8} {help_text}" for name, (_, help_text) in COMMANDS.items()]
-    lines += ["", "Run `sslpipe COMMAND --help` for a command's options."]
+    lines += ["", "Run `sslpipe COMMAND --help` for a command's options; add --debug for tracebacks of user errors."]
     return "\n".join(lines)
+
+
+def user_message(err: BaseException) -> str:
+    """The message of a user error, without the worker traceback a DataLoader worker wraps it in."""
+    message = str(err)
+    # DataLoader re-raises a worker's error as the same type, its message prefixed by the worker's traceback,
+    # whose last line is "<module>.<type>: <original message>".
+    marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return message.rsplit(marker, 1)[1] if "Original Traceback" in message and marker in message else message
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``sslpipe``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SSLPIPE_DEBUG", "0") not in ("", "0")
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return
@@ -105,7 +120,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"sslpipe: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module, function = COMMANDS[command][0].split(":")
-    run_dir = getattr(importlib.import_module(module), function)(expand_config_bases(rest))
+    from sslpipe.errors import UserError
+
+    try:
+        run_dir = getattr(importlib.import_module(module), function)(expand_config_bases(rest))
+    except UserError as err:
+        if debug:
+            raise
+        print(f"sslpipe {command}: error: {user_message(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
     if run_dir:
         from pytorch_lightning.utilities import rank_zero_only
 

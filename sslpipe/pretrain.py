@@ -27,7 +27,8 @@ def _pretrain_cli_class():
             parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Resume from this checkpoint.")
             # The data knows the image size and label count; the model is told, never configured twice.
             parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
-            parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+            # The probe learns the pretraining images' labels: 0 classes (unlabeled data) means no probe.
+            parser.link_arguments("data.pretrain_num_classes", "model.init_args.num_classes", apply_on="instantiate")
 
         def before_instantiate_classes(self) -> None:
             cfg = self.config

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sslpipe.augment import SimCLRViews, ViewRecipe, eval_transform
-from sslpipe.data.datasets import IndexedDataset, Split, build_dataset, dataset_spec, imagefolder_num_classes
+from sslpipe.data.datasets import (
+    ImageFiles,
+    IndexedDataset,
+    Split,
+    build_dataset,
+    dataset_spec,
+    imagefolder_num_classes,
+)
+from sslpipe.data.scan import OnBadImage
+from sslpipe.errors import ConfigError, DataError
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -17,8 +26,12 @@ class SSLDataModule(pl.LightningDataModule):
 
     Args:
         dataset: registered name: ``digits`` (default, embedded), ``cifar10``, ``cifar100``, ``stl10``,
-            ``imagefolder``, ``fake``.
+            ``imagefolder``, ``unlabeled`` (every image under ``root``, label -1, for pretraining), ``fake``.
         root: where the dataset's files live (``imagefolder``: the folder holding ``train/`` and ``val/``).
+        eval_root: ``unlabeled`` only: an ImageNet-style folder (``train/``, ``val/`` class folders) whose
+            splits ``sslpipe linear|knn|kmeans`` evaluate on; without it there are no labelled splits.
+        on_bad_image: folder datasets are scanned before use; ``error`` stops naming every unreadable file
+            and empty class folder, ``skip`` leaves them out with a logged count (:mod:`sslpipe.data.scan`).
         image_size: side of the square crops; ``None`` takes the dataset's default.
         batch_size: per-device pretraining batch size.
         eval_batch_size: per-device batch size for validation/feature extraction (default: ``batch_size``).
@@ -33,6 +46,8 @@ class SSLDataModule(pl.LightningDataModule):
         self,
         dataset: str = "digits",
         root: str = "data",
+        eval_root: Optional[str] = None,
+        on_bad_image: OnBadImage = "error",
         image_size: Optional[int] = None,
         batch_size: int = 256,
         eval_batch_size: Optional[int] = None,
@@ -49,6 +64,15 @@ class SSLDataModule(pl.LightningDataModule):
         self.save_hyperparameters(ignore=["views"])
         self.dataset = dataset
         self.root = root
+        if eval_root is not None and self.spec.num_classes != 0:
+            raise ConfigError(
+                f"data.eval_root is for data.dataset unlabeled; {dataset!r} has its own train and val splits. "
+                "Drop --data.eval_root (or pass --data.eval_root null)."
+            )
+        if on_bad_image not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        self.eval_root = eval_root
+        self.on_bad_image = on_bad_image
         self.image_size = image_size or self.spec.default_image_size
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -62,10 +86,24 @@ class SSLDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------ facts about the data
     @property
     def num_classes(self) -> int:
-        """Size of the label space (read from the folders for ``imagefolder``)."""
+        """Classes of the labelled ``train``/``val`` splits (read from the class folders for ``imagefolder`` and
+        ``eval_root``); 0 when there are none (``unlabeled`` without ``eval_root``)."""
+        if self.eval_root is not None:
+            return imagefolder_num_classes(self.eval_root)
         if self.spec.num_classes is not None:
             return self.spec.num_classes
         return imagefolder_num_classes(self.root)
+
+    @property
+    def pretrain_num_classes(self) -> int:
+        """Classes the pretraining images are labelled with: the online probe's label space, linked to
+        ``model.num_classes``. 0 for ``unlabeled`` (eval_root or not): no labels to train a probe on."""
+        return 0 if self.spec.num_classes == 0 else self.num_classes
+
+    @property
+    def labelled_root(self) -> str:
+        """The folder the labelled ``train``/``val`` splits are read from."""
+        return self.eval_root if self.eval_root is not None else self.root
 
     @property
     def mean(self) -> tuple[float, float, float]:
@@ -86,29 +124,62 @@ class SSLDataModule(pl.LightningDataModule):
         return self.views.build(self.image_size, self.mean, self.std)
 
     # ------------------------------------------------------------ datasets
+    def _fit_splits(self) -> list[Split]:
+        # No online probe (unlabeled pretraining images): nothing to validate.
+        return ["pretrain", "val"] if self.pretrain_num_classes > 0 else ["pretrain"]
+
     def prepare_data(self) -> None:
-        """Download once per node when ``download`` is set (Lightning calls this on one process)."""
+        """Download (when ``download`` is set) and scan folder datasets, once per node before the other ranks
+        start (Lightning calls this on local rank 0): the others then read the scan from its cache."""
         if self.download:
             for split in ("pretrain", "val"):
                 build_dataset(self.dataset, self.root, split, None, download=True)
+        problems: list[DataError] = []
+        for split in self._fit_splits():  # every split checked, all problems reported together
+            try:
+                self.split_dataset(split)
+            except DataError as err:
+                problems.append(err)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            raise DataError("\n".join(str(err) for err in problems))
 
     def get_dataset(self, split: Split, transform: Any) -> Dataset:
-        """Build ``split`` with ``transform`` (no caching: transforms differ between uses)."""
-        return build_dataset(self.dataset, self.root, split, transform, download=False)
+        """Build ``split`` with ``transform`` (uncached; :meth:`split_dataset` keeps one per split)."""
+        if split != "pretrain" and self.eval_root is not None:
+            return build_dataset("imagefolder", self.eval_root, split, transform, on_bad_image=self.on_bad_image)
+        return build_dataset(self.dataset, self.root, split, transform, download=False, on_bad_image=self.on_bad_image)
+
+    def split_dataset(self, split: Split) -> Dataset:
+        """``split``, built once: ``pretrain`` with the training views (items ``(views, label, index)``),
+        ``train``/``val`` with the eval transform (items ``(image, label)``)."""
+        if split not in self._datasets:
+            if split == "pretrain":
+                self._datasets[split] = IndexedDataset(self.get_dataset(split, self.train_transform()))
+            else:
+                self._datasets[split] = self.get_dataset(split, self.eval_transform())
+        return self._datasets[split]
 
     def setup(self, stage: Optional[str] = None) -> None:
-        """Build the pretraining set (with training views) and the validation set (eval transform)."""
-        if "pretrain" not in self._datasets and stage in (None, "fit"):
-            self._datasets["pretrain"] = IndexedDataset(self.get_dataset("pretrain", self.train_transform()))
-        if "val" not in self._datasets:
-            self._datasets["val"] = self.get_dataset("val", self.eval_transform())
+        """Build the pretraining set (for ``fit``) and the validation set, unless there is no online probe."""
+        for split in self._fit_splits():
+            if split == "val" or stage in (None, "fit"):
+                self.split_dataset(split)
 
     @property
     def num_train_samples(self) -> int:
         """Number of pretraining images (PIRL's memory bank has one slot per image)."""
-        if "pretrain" not in self._datasets:
-            self._datasets["pretrain"] = IndexedDataset(self.get_dataset("pretrain", self.train_transform()))
-        return len(self._datasets["pretrain"])  # type: ignore[arg-type]
+        return len(self.split_dataset("pretrain"))  # type: ignore[arg-type]
+
+    def preview_dataset(self) -> Dataset:
+        """Fixed images for visual callbacks (reconstructions), ``(image, label)`` with the eval transform: the
+        labelled val split, or the pretraining images when there is none (``unlabeled`` without ``eval_root``)."""
+        if self.num_classes > 0:
+            return self.split_dataset("val")
+        pretrain = self.split_dataset("pretrain").base  # type: ignore[attr-defined]
+        assert isinstance(pretrain, ImageFiles), "only unlabeled data has no val split"
+        return pretrain.with_transform(self.eval_transform())
 
     # ------------------------------------------------------------ loaders
     def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
@@ -124,18 +195,21 @@ class SSLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled multi-view batches; Lightning adds a DistributedSampler under DDP."""
-        dataset = self._datasets["pretrain"]
+        dataset = self.split_dataset("pretrain")
         if len(dataset) < self.batch_size:  # type: ignore[arg-type]
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={self.batch_size} exceeds the {len(dataset)} pretraining images of "  # type: ignore[arg-type]
                 f"{self.dataset!r}; lower --data.batch_size"
             )
         return self._loader(dataset, self.batch_size, train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """Labelled validation batches for the online probe."""
-        return self._loader(self._datasets["val"], self.eval_batch_size, train=False)
+    def val_dataloader(self) -> Union[DataLoader, list]:
+        """Labelled validation batches for the online probe; none (``[]``: Lightning skips validation) when the
+        pretraining images have no labels, so there is no probe."""
+        if "val" not in self._fit_splits():
+            return []
+        return self._loader(self.split_dataset("val"), self.eval_batch_size, train=False)
 
     def eval_dataloader(self, split: Split) -> DataLoader:
         """Labelled, unshuffled batches of ``split`` with the eval transform (feature extraction)."""
-        return self._loader(self.get_dataset(split, self.eval_transform()), self.eval_batch_size, train=False)
+        return self._loader(self.split_dataset(split), self.eval_batch_size, train=False)

@@ -2,18 +2,26 @@
 
 Splits: ``pretrain`` (what self-supervised training sees; STL-10 adds its unlabeled set, label -1),
 ``train`` (labelled training images, for probes and kNN banks) and ``val`` (held-out evaluation).
+Label -1 means "no label" everywhere (STL-10's unlabeled images, every image of ``unlabeled``).
+
+The folder datasets (``imagefolder``, ``unlabeled``) are scanned when built (:mod:`sslpipe.data.scan`) and
+read every file through one loader (:func:`sslpipe.data.images.load_rgb`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from sslpipe.data.images import load_rgb
+from sslpipe.data.scan import OnBadImage, class_folders, log_warning, scan_folder, shared_classes, usable_files
+from sslpipe.errors import ConfigError, DataError, DataNotFoundError
 
 Split = Literal["pretrain", "train", "val"]
 Transform = Optional[Callable[[Any], Any]]
@@ -24,11 +32,12 @@ class DatasetSpec:
     """What the rest of the pipeline needs to know about a dataset before loading it."""
 
     name: str
-    builder: Callable[[str, Split, Transform, bool], Dataset]
+    # (root, split, transform, download, on_bad_image) -> dataset
+    builder: Callable[[str, Split, Transform, bool, OnBadImage], Dataset]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     default_image_size: int
-    num_classes: Optional[int]  # None: discovered from the files (imagefolder)
+    num_classes: Optional[int]  # None: discovered from the files (imagefolder); 0: no labels (unlabeled)
     eval_resize_ratio: float = 1.0  # resize side / crop side at evaluation (ImageNet: 256/224)
 
 
@@ -46,12 +55,23 @@ def dataset_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
 
 
-def build_dataset(name: str, root: str, split: Split, transform: Transform = None, download: bool = False) -> Dataset:
-    """Instantiate dataset ``name``'s ``split`` with ``transform`` applied to each image."""
-    return dataset_spec(name).builder(root, split, transform, download)
+def build_dataset(
+    name: str,
+    root: str,
+    split: Split,
+    transform: Transform = None,
+    download: bool = False,
+    on_bad_image: OnBadImage = "error",
+) -> Dataset:
+    """Instantiate dataset ``name``'s ``split`` with ``transform`` applied to each image.
+
+    ``on_bad_image`` applies to the folder datasets: ``error`` fails naming every unreadable file, ``skip``
+    leaves them out (see :mod:`sslpipe.data.scan`).
+    """
+    return dataset_spec(name).builder(root, split, transform, download, on_bad_image)
 
 
 class IndexedDataset(Dataset):
@@ -71,8 +91,8 @@ class IndexedDataset(Dataset):
         return image, label, index
 
 
-def _missing(name: str, path: str, hint: str) -> FileNotFoundError:
-    return FileNotFoundError(f"{name} not found under {os.path.abspath(path)!r}. {hint}")
+def _missing(name: str, path: str, hint: str) -> DataNotFoundError:
+    return DataNotFoundError(f"{name} not found under {os.path.abspath(path)!r}. {hint}")
 
 
 # ---------------------------------------------------------------- digits (embedded default)
@@ -110,7 +130,7 @@ class DigitsDataset(Dataset):
 register_dataset(
     DatasetSpec(
         "digits",
-        lambda root, split, transform, download: DigitsDataset(split, transform),
+        lambda root, split, transform, download, on_bad_image: DigitsDataset(split, transform),
         mean=(0.3053, 0.3053, 0.3053),
         std=(0.3759, 0.3759, 0.3759),
         default_image_size=32,
@@ -120,12 +140,18 @@ register_dataset(
 
 
 # ---------------------------------------------------------------- fake (tests)
-def _fake(root: str, split: Split, transform: Transform, download: bool) -> Dataset:
+def _fake(root: str, split: Split, transform: Transform, download: bool, on_bad_image: OnBadImage) -> Dataset:
     from torchvision.datasets import FakeData
 
     size = 64 if split == "val" else 256
     # A different random_offset per split so val images are not the train images.
-    return FakeData(size=size, image_size=(3, 32, 32), num_classes=10, transform=transform, random_offset=0 if split != "val" else 10_000)
+    return FakeData(
+        size=size,
+        image_size=(3, 32, 32),
+        num_classes=10,
+        transform=transform,
+        random_offset=0 if split != "val" else 10_000,
+    )
 
 
 register_dataset(DatasetSpec("fake", _fake, (0.5, 0.5, 0.5), (0.29, 0.29, 0.29), 32, 10))
@@ -133,7 +159,7 @@ register_dataset(DatasetSpec("fake", _fake, (0.5, 0.5, 0.5), (0.29, 0.29, 0.29),
 
 # ---------------------------------------------------------------- torchvision datasets
 def _torchvision(cls_name: str, folder: str):
-    def build(root: str, split: Split, transform: Transform, download: bool) -> Dataset:
+    def build(root: str, split: Split, transform: Transform, download: bool, on_bad_image: OnBadImage) -> Dataset:
         import torchvision.datasets as tvd
 
         cls = getattr(tvd, cls_name)
@@ -154,42 +180,155 @@ def _torchvision(cls_name: str, folder: str):
 
 
 register_dataset(
-    DatasetSpec("cifar10", _torchvision("CIFAR10", "cifar-10-batches-py"), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, 10)
+    DatasetSpec(
+        "cifar10",
+        _torchvision("CIFAR10", "cifar-10-batches-py"),
+        (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
+        32,
+        10,
+    )
 )
 register_dataset(
-    DatasetSpec("cifar100", _torchvision("CIFAR100", "cifar-100-python"), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 32, 100)
+    DatasetSpec(
+        "cifar100",
+        _torchvision("CIFAR100", "cifar-100-python"),
+        (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
+        32,
+        100,
+    )
 )
 register_dataset(
-    DatasetSpec("stl10", _torchvision("STL10", "stl10_binary"), (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 96, 10)
+    DatasetSpec(
+        "stl10", _torchvision("STL10", "stl10_binary"), (0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713), 96, 10
+    )
 )
 
 
-# ---------------------------------------------------------------- ImageNet-style folders
-def _imagefolder(root: str, split: Split, transform: Transform, download: bool) -> Dataset:
-    from torchvision.datasets import ImageFolder
+# ---------------------------------------------------------------- folders of image files
+class ImageFiles(Dataset):
+    """Images read from a list of files through :func:`~sslpipe.data.images.load_rgb`, each with a label.
 
-    sub = "val" if split == "val" else "train"
-    path = os.path.join(root, sub)
-    if not os.path.isdir(path):
-        raise _missing(
-            "imagefolder split",
-            path,
-            "Expected an ImageNet-style layout <root>/train/<class>/<image> and <root>/val/<class>/<image>; "
-            "set --data.root to the folder that holds train/ and val/.",
-        )
-    # torchvision's default loader opens with PIL and converts to RGB: grayscale/CMYK/palette all become RGB.
-    return ImageFolder(path, transform=transform)
+    A file that fails here passed the scan before training, so it changed since. With ``skip_unreadable``
+    it is logged (once per worker) and replaced by the next readable file in the list, with that file's
+    label; otherwise the :class:`~sslpipe.errors.DataError` names it.
+
+    Args:
+        samples: ``(path, label)`` pairs; label -1 for an image without one.
+        classes: class names; ``classes[label]`` names a label (empty for unlabeled images).
+        transform: applied to each RGB PIL image.
+        skip_unreadable: replace a file that fails to load instead of raising.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str] = (),
+        transform: Transform = None,
+        skip_unreadable: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.targets = [label for _, label in self.samples]
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self._reported: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def with_transform(self, transform: Transform) -> "ImageFiles":
+        """The same files with another transform (no rescan)."""
+        return ImageFiles(self.samples, self.classes, transform, self.skip_unreadable)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        count = len(self.samples)
+        if not -count <= index < count:  # the end of iteration for list(dataset)
+            raise IndexError(f"index {index} out of range for {count} images")
+        for attempt in range(count):
+            path, label = self.samples[(index + attempt) % count]
+            try:
+                image = load_rgb(path)
+            except Exception as err:  # any decoder error: the file is unreadable now
+                if not self.skip_unreadable:
+                    raise DataError(
+                        f"cannot read {path} ({type(err).__name__}: {err}); it passed the scan before training, "
+                        "so it changed since. Fix or delete it and restart (the scan rechecks changed files), or "
+                        "pass --data.on_bad_image skip."
+                    ) from err
+                if path not in self._reported:
+                    self._reported.add(path)
+                    logging.getLogger(__name__).warning(
+                        f"data: skipping unreadable {path} ({type(err).__name__}: {err}); using the next image"
+                    )
+                continue
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, label
+        raise DataError(f"none of the {len(self.samples)} images can be read any more (first: {self.samples[0][0]})")
+
+
+def _imagefolder(root: str, split: Split, transform: Transform, download: bool, on_bad_image: OnBadImage) -> Dataset:
+    """``<root>/train`` (splits ``pretrain``, ``train``) or ``<root>/val``, labelled by train's classes.
+
+    Class folders are those of ``<root>/train``, sorted; a class's index is its position there, for every split.
+    """
+    train_dir = os.path.join(root, "train")
+    if split == "val":
+        # One class-to-index map for both splits, from train: val indexed on its own would shift every label
+        # after a class missing from val.
+        classes = shared_classes(train_dir, os.path.join(root, "val"))
+        folder, scanned = os.path.join(root, "val"), class_folders(os.path.join(root, "val"))
+    else:
+        classes = class_folders(train_dir)
+        folder, scanned = train_dir, classes
+    files = usable_files(scan_folder(folder, scanned), on_bad_image)
+    index = {c: i for i, c in enumerate(classes)}
+    samples = [(os.path.join(folder, rel), index[rel.split(os.sep, 1)[0]]) for rel in files]
+    return ImageFiles(samples, classes, transform, skip_unreadable=on_bad_image == "skip")
 
 
 def imagefolder_num_classes(root: str) -> int:
     """Number of class sub-folders of ``<root>/train`` (the imagefolder label space)."""
-    path = os.path.join(root, "train")
-    if not os.path.isdir(path):
-        raise _missing("imagefolder split", path, "Set --data.root to the folder that holds train/ and val/.")
-    return sum(1 for entry in os.scandir(path) if entry.is_dir())
+    return len(class_folders(os.path.join(root, "train")))
 
 
 register_dataset(
-    DatasetSpec("imagefolder", _imagefolder, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, None, eval_resize_ratio=256 / 224)
+    DatasetSpec(
+        "imagefolder",
+        _imagefolder,
+        (0.485, 0.456, 0.406),
+        (0.229, 0.224, 0.225),
+        224,
+        None,
+        eval_resize_ratio=256 / 224,
+    )
 )
 
+
+def _unlabeled(root: str, split: Split, transform: Transform, download: bool, on_bad_image: OnBadImage) -> Dataset:
+    """Every image under ``root`` (recursive, any class structure ignored), label -1; only the ``pretrain`` split."""
+    if split != "pretrain":
+        raise DataError(
+            f"data.dataset=unlabeled has no labels, so no {split!r} split for evaluation: pass --data.eval_root DIR "
+            "(an ImageNet-style folder with train/ and val/ class folders)."
+        )
+    if not os.path.isdir(root):
+        raise _missing("unlabeled image folder", root, "Set --data.root to a folder of images (searched recursively).")
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        log_warning(
+            f"data: {os.path.abspath(root)!r} has train/ and val/: data.dataset=unlabeled pretrains on every image "
+            "under it, val/ included. Point --data.root at train/ to keep val/ held out."
+        )
+    files = usable_files(scan_folder(root), on_bad_image)
+    samples = [(os.path.join(root, rel), -1) for rel in files]
+    return ImageFiles(samples, (), transform, skip_unreadable=on_bad_image == "skip")
+
+
+register_dataset(
+    DatasetSpec(
+        "unlabeled", _unlabeled, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 224, 0, eval_resize_ratio=256 / 224
+    )
+)

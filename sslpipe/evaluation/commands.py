@@ -113,6 +113,7 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
 
     from sslpipe.checkpoints import build_method, load_checkpoint
     from sslpipe.data import SSLDataModule
+    from sslpipe.errors import DataError
     from sslpipe.evaluation.features import cached_features, extract_features, feature_cache_key
     from sslpipe.runs import make_run_dir
 
@@ -127,6 +128,11 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     model = build_method(checkpoint, random_init=cfg.random_init, source=cfg.checkpoint)
     method = model.method_label() + ("-random" if cfg.random_init else "")
     data = SSLDataModule(**{k: v for k, v in cfg.data.as_dict().items() if k != "views"})
+    if data.num_classes == 0:
+        raise DataError(
+            "this checkpoint was pretrained on unlabeled data; pass --data.eval_root DIR with train/ and val/ "
+            f"class folders (or --data.dataset/--data.root of a labelled dataset). data.root: {data.root}"
+        )
     use_cuda = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     device = _init_distributed(use_cuda)
     run_dir = make_run_dir(cfg.trainer.default_root_dir, [command, method, data.dataset], cfg.run.name)
@@ -152,7 +158,7 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
                 seed=seed,
                 split=split,
                 dataset=data.dataset,
-                root=os.path.abspath(data.root),
+                root=os.path.abspath(data.labelled_root),
                 image_size=data.image_size,
                 precision=precision,
             )

@@ -48,7 +48,8 @@ class SSLMethod(pl.LightningModule):
         cifar_stem: 3x3 stride-1 stem without max-pool for small (32-px) images (ResNets).
         backbone_kwargs: extra constructor arguments, e.g. ``{patch_size: 4, global_pool: avg}``.
         image_size: input side; linked from ``data.image_size`` by the CLI (ViT position embeddings).
-        num_classes: label count for the online probe; linked from the data by the CLI.
+        num_classes: label count for the online probe; linked from the data by the CLI. 0 (the pretraining
+            images have no labels): no probe.
         optimizer: ``lars``, ``sgd`` or ``adamw``.
         base_lr: learning rate for a global batch of ``lr_reference_batch``; the optimiser uses
             ``base_lr * global_batch / lr_reference_batch`` (the linear scaling rule).
