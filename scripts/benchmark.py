@@ -83,7 +83,12 @@ def device_name(device: torch.device) -> str:
 
 
 def bf16_peak_tflops(name: str) -> Optional[float]:
-    """The vendor's bf16 dense peak for a GPU name such as ``NVIDIA H100 80GB HBM3``; ``None`` if unknown."""
+    """The vendor's bf16 dense peak for a GPU name such as ``NVIDIA H100 80GB HBM3``; ``None`` if unknown.
+
+    NVL variants (lower clocks than SXM, figures not in the table) give ``None`` rather than the SXM figure.
+    """
+    if "NVL" in name.upper():
+        return None
     for key, tflops in BF16_PEAK_TFLOPS.items():  # "H100 PCIe" is tried before "H100"
         if re.search(r"(?<![A-Za-z0-9])" + re.escape(key).replace(r"\ ", r"[ -]?") + r"(?![0-9])", name, re.I):
             return tflops
