@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from sslpipe.monitor import DataWaitMonitor
+
 
 def write_metrics(run_dir: str, metrics: dict[str, Any]) -> str:
     """Merge ``metrics`` into ``<run_dir>/metrics.json`` (created if absent) and return its path."""
@@ -89,6 +91,9 @@ class RunSummary(pl.Callback):
             "online_linear_top1": None if top1 is None else 100 * top1,
             "best_online_linear_top1": None if best is None else 100 * best,
         }
+        for cb in trainer.callbacks:
+            if isinstance(cb, DataWaitMonitor) and cb.data_wait_fraction is not None:
+                summary["data_wait_fraction"] = cb.data_wait_fraction
         for key in ("energy_pos", "energy_neg", "energy_gap"):
             value = scalar(f"train/{key}_epoch") or scalar(f"train/{key}")
             if value is not None:

@@ -18,6 +18,17 @@ class LARS(torch.optim.Optimizer):
     (SimCLR's form; the LARS paper divides by ``||g|| + wd * ||w||``, an upper bound of ``||d||``). Groups with
     ``lars_exclude=True`` (biases, norm weights, the online probe) get plain SGD: adapting them by
     their own tiny norms is known to destabilise training.
+
+    Args:
+        params: parameters or parameter groups (a group may set ``weight_decay`` and ``lars_exclude``).
+        lr: learning rate.
+        momentum: heavy-ball momentum (the first step's buffer is the step itself, as in ``torch.optim.SGD``).
+        weight_decay: L2 weight decay added to the gradient before the trust ratio.
+        eta: trust coefficient.
+        eps: added to ``||d||`` in the trust ratio's denominator.
+        foreach: one ``torch._foreach_*`` pass over all parameters of a group (same device and dtype) instead
+            of a Python loop of small ops per parameter; the same math. ``False`` keeps the loop (for
+            comparison: ``scripts/benchmark.py --sections train`` times both).
     """
 
     def __init__(
@@ -28,11 +39,13 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
         eps: float = 1e-8,
+        foreach: bool = True,
     ) -> None:
         if lr < 0:
             raise ValueError(f"LARS lr must be >= 0, got {lr}")
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, eps=eps, lars_exclude=False)
         super().__init__(params, defaults)
+        self.foreach = foreach
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -42,28 +55,65 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if group["weight_decay"] != 0:
-                    g = g.add(p, alpha=group["weight_decay"])
-                if not group["lars_exclude"]:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(g)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        group["eta"] * w_norm / (g_norm + group["eps"]),
-                        torch.ones_like(w_norm),
-                    )
-                    g = g.mul(trust)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(g).detach()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(g)
-                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not self.foreach:
+                for p in params:
+                    self._update_one(p, group)
+                continue
+            by_device_dtype: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for p in params:
+                by_device_dtype.setdefault((p.device, p.dtype), []).append(p)
+            for same in by_device_dtype.values():
+                self._update_foreach(same, group)
         return loss
+
+    def _update_one(self, p: torch.Tensor, group: dict) -> None:
+        """The per-parameter reference: a few small ops (and kernel launches) per parameter."""
+        g = p.grad
+        if group["weight_decay"] != 0:
+            g = g.add(p, alpha=group["weight_decay"])
+        if not group["lars_exclude"]:
+            w_norm = torch.linalg.vector_norm(p)
+            g_norm = torch.linalg.vector_norm(g)
+            trust = torch.where(
+                (w_norm > 0) & (g_norm > 0),
+                group["eta"] * w_norm / (g_norm + group["eps"]),
+                torch.ones_like(w_norm),
+            )
+            g = g.mul(trust)
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.clone(g).detach()
+        else:
+            state["momentum_buffer"].mul_(group["momentum"]).add_(g)
+        p.add_(state["momentum_buffer"], alpha=-group["lr"])
+
+    def _update_foreach(self, params: list[torch.Tensor], group: dict) -> None:
+        """:meth:`_update_one` for many parameters of one device and dtype in a handful of multi-tensor kernels.
+
+        The trust ratios stay on the device (one stacked vector, no host sync); ``p.grad`` is never written.
+        """
+        grads = [p.grad for p in params]
+        d = torch._foreach_add(grads, params, alpha=group["weight_decay"]) if group["weight_decay"] != 0 else grads
+        if not group["lars_exclude"]:
+            w_norm = torch.stack(torch._foreach_norm(params))
+            d_norm = torch.stack(torch._foreach_norm(d))
+            trust = torch.where(
+                (w_norm > 0) & (d_norm > 0), group["eta"] * w_norm / (d_norm + group["eps"]), torch.ones_like(w_norm)
+            )
+            d = torch._foreach_mul(d, list(trust.unbind(0)))
+        buffers, steps = [], []
+        for p, step in zip(params, d):
+            state = self.state[p]
+            if "momentum_buffer" in state:
+                buffers.append(state["momentum_buffer"])
+                steps.append(step)
+            else:  # the first step's buffer is the step itself (a copy: d may alias p.grad)
+                state["momentum_buffer"] = torch.clone(step).detach()
+        if buffers:
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, steps)
+        torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
 
 
 def is_no_decay(name: str, param: nn.Parameter) -> bool:
@@ -93,18 +143,30 @@ def param_groups(
     return groups
 
 
+def _all_on_cuda(groups: list[dict]) -> bool:
+    """True when every parameter of ``groups`` is a floating-point CUDA tensor (what fused kernels need)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+
+
 def build_optimizer(
     name: OptimizerName, groups: list[dict], lr: float, momentum: float = 0.9, betas: tuple[float, float] = (0.9, 0.999)
 ) -> torch.optim.Optimizer:
-    """Instantiate the named optimiser over ``groups`` (which carry their own weight decay)."""
+    """Instantiate the named optimiser over ``groups`` (which carry their own weight decay).
+
+    SGD and AdamW run fused (one kernel for the whole update) when every parameter is on a CUDA device,
+    else with ``foreach`` multi-tensor ops; LARS always runs its ``foreach`` form. Call it after the model
+    has moved to its device (Lightning's ``configure_optimizers`` does).
+    """
+    fused = _all_on_cuda(groups)
     if name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None, foreach=not fused)
     if name == "adamw":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=not fused)
     if name == "lars":
         return LARS(groups, lr=lr, momentum=momentum)
     raise ValueError(f"unknown optimizer {name!r}: choose 'sgd', 'adamw' or 'lars'")

@@ -17,6 +17,7 @@ def _pretrain_cli_class():
     from pytorch_lightning.cli import LightningCLI
 
     from sslpipe.callbacks import RunSummary
+    from sslpipe.monitor import DataWaitMonitor
     from sslpipe.runs import RunOptions, build_loggers, make_run_dir
 
     class PretrainCLI(LightningCLI):
@@ -59,7 +60,7 @@ def _pretrain_cli_class():
                 enable_version_counter=False,
             )
             callbacks = list(init.trainer.get("callbacks") or [])
-            callbacks += [checkpoint, RunSummary(self.run_dir, self.method_name, cfg.data.dataset)]
+            callbacks += [checkpoint, RunSummary(self.run_dir, self.method_name, cfg.data.dataset), DataWaitMonitor()]
             if logger:
                 callbacks.append(LearningRateMonitor(logging_interval="epoch"))
             return super().instantiate_trainer(logger=logger or False, callbacks=callbacks, **kwargs)
@@ -86,7 +87,8 @@ def main(argv: Sequence[str]) -> str:
         auto_configure_optimizers=False,
         # Defaults every config shares, stated once here instead of in 23 YAML files.
         seed_everything_default=0,
-        trainer_defaults={"default_root_dir": "runs"},
+        # benchmark: cuDNN picks the fastest convolution algorithms for the fixed input shapes (GPU only).
+        trainer_defaults={"default_root_dir": "runs", "benchmark": True},
         parser_kwargs={"prog": "sslpipe pretrain", "description": "Self-supervised pretraining."},
     )
     if rank_zero_only.rank == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -211,3 +212,101 @@ def test_an_endless_run_is_rejected_with_the_fix():
     )
     with pytest.raises(ValueError, match="trainer.max_epochs or trainer.max_steps"):
         trainer.fit(model, SSLDataModule("fake", image_size=16, batch_size=8, num_workers=0))
+
+
+# ---------------------------------------------------------------------------------------------- foreach LARS
+def _reference_lars_step(params_and_groups, states: dict) -> None:
+    """The per-parameter LARS update written out (the implementation before the foreach rewrite)."""
+    for group in params_and_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = p.grad
+            if group["weight_decay"] != 0:
+                g = g + group["weight_decay"] * p
+            if not group["lars_exclude"]:
+                w_norm, g_norm = p.norm(), g.norm()
+                trust = group["eta"] * w_norm / (g_norm + group["eps"]) if w_norm > 0 and g_norm > 0 else 1.0
+                g = g * trust
+            if id(p) not in states:
+                states[id(p)] = g.clone()
+            else:
+                states[id(p)] = group["momentum"] * states[id(p)] + g
+            p.sub_(group["lr"] * states[id(p)])
+
+
+def _lars_problem(dtype: torch.dtype):
+    """Parameters of mixed shapes in a decayed LARS group and an excluded group, one zero tensor, one without grad."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (5,), (3, 2, 2, 2), (7,), (4, 4)]
+    params = [nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+    params[3].data.zero_()  # ||w|| = 0: trust falls back to 1
+    groups = [
+        {"params": [params[0], params[2], params[3], params[4]], "weight_decay": 0.05, "lars_exclude": False},
+        {"params": [params[1]], "weight_decay": 0.0, "lars_exclude": True},
+    ]
+    return params, groups
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lars_foreach_and_loop_match_the_per_parameter_reference(foreach, dtype):
+    params, groups = _lars_problem(dtype)
+    ref_params = [nn.Parameter(p.detach().clone()) for p in params]
+    index = {id(p): i for i, p in enumerate(params)}
+    hyper = dict(lr=0.7, momentum=0.9, eta=0.02, eps=1e-8)
+    opt = LARS(groups, foreach=foreach, **hyper)
+    ref_groups = [{**hyper, **{k: v for k, v in grp.items() if k != "params"}} for grp in groups]
+    for ref, grp in zip(ref_groups, groups):
+        ref["params"] = [ref_params[index[id(p)]] for p in grp["params"]]
+    states: dict = {}
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        for i, (p, r) in enumerate(zip(params, ref_params)):
+            if i == 4 and step < 2:  # no gradient for two steps (a frozen-then-thawed layer): no update, no state
+                p.grad = r.grad = None
+                continue
+            grad = torch.randn(p.shape, generator=g, dtype=dtype)
+            p.grad, r.grad = grad.clone(), grad.clone()
+        grads_before = [None if p.grad is None else p.grad.clone() for p in params]
+        opt.step()
+        with torch.no_grad():
+            _reference_lars_step(ref_groups, states)
+        for p, r in zip(params, ref_params):
+            torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+        for p, before in zip(params, grads_before):  # the update must not write into the gradients
+            assert (p.grad is None and before is None) or torch.equal(p.grad, before)
+    assert len(opt.state) == len(params)  # the late parameter got its state on its first gradient
+
+
+def test_lars_state_is_interchangeable_between_foreach_and_loop():
+    """A checkpoint of the foreach form resumes in the loop form (same state layout) and continues identically."""
+    params, groups = _lars_problem(torch.float32)
+    index = {id(p): i for i, p in enumerate(params)}
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    copy_groups = [{**grp, "params": [copies[index[id(p)]] for p in grp["params"]]} for grp in groups]
+    fast = LARS(groups, lr=0.3, foreach=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    fast.step()
+    resumed = LARS(copy_groups, lr=0.3, foreach=False)
+    resumed.load_state_dict(copy.deepcopy(fast.state_dict()))  # as if read back from a file
+    for p, q in zip(params, copies):
+        q.data.copy_(p.data)
+        p.grad, q.grad = torch.full_like(p, -0.5), torch.full_like(q, -0.5)
+    fast.step()
+    resumed.step()
+    for p, q in zip(params, copies):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_and_adamw_use_foreach_on_cpu_and_fused_on_cuda():
+    net = nn.Linear(3, 2)
+    for name in ("sgd", "adamw"):
+        opt = build_optimizer(name, param_groups(net, 0.1), lr=0.1)
+        assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    if torch.cuda.is_available():
+        net = net.cuda()
+        for name in ("sgd", "adamw"):
+            opt = build_optimizer(name, param_groups(net, 0.1), lr=0.1)
+            assert opt.defaults["fused"] is True and not opt.defaults["foreach"]

@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Optional
 
 import pytorch_lightning as pl
 import torch
+from torch import nn
 
 from sslpipe.backbones import build_backbone
 from sslpipe.momentum import MomentumEncoder
@@ -66,6 +67,10 @@ class SSLMethod(pl.LightningModule):
         probe_batch_norm: affine-free BatchNorm before the probe's linear layer (MAE's recipe).
         channels_last: run the backbone in channels-last memory format (faster convolutions on
             CPUs with bf16 units and on tensor-core GPUs).
+        compile: ``torch.compile`` the backbone, the heads and the momentum encoders' copies in place
+            (:meth:`compile_targets`) when training starts; checkpoint keys stay the same, so compiled and
+            eager runs resume from each other's checkpoints. The first steps pay the compilation.
+        compile_kwargs: arguments of ``torch.compile``, e.g. ``{mode: max-autotune}`` or ``{backend: eager}``.
     """
 
     def __init__(
@@ -88,6 +93,8 @@ class SSLMethod(pl.LightningModule):
         probe_lr: float = 0.1,
         probe_batch_norm: bool = False,
         channels_last: bool = False,
+        compile: bool = False,
+        compile_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +102,7 @@ class SSLMethod(pl.LightningModule):
             backbone, cifar_stem=cifar_stem, image_size=image_size, **(backbone_kwargs or {})
         )
         self.channels_last = channels_last
+        self._compiled = False
         if channels_last:
             self.backbone = self.backbone.to(memory_format=torch.channels_last)
         self.probe: Optional[OnlineProbe] = None
@@ -223,6 +231,34 @@ class SSLMethod(pl.LightningModule):
     def momentum_encoders(self) -> list[MomentumEncoder]:
         """The :class:`MomentumEncoder` submodules, updated after every optimiser step."""
         return [m for m in self.modules() if isinstance(m, MomentumEncoder)]
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules ``model.compile`` compiles: every child with parameters (backbone, heads), the copies inside
+        each :class:`MomentumEncoder`, and the ``blocks`` stack of any of them (the masked models call a ViT's
+        blocks directly, not its ``forward``). Not the online probe (a tiny step with its own autograd call) nor
+        parameter-free children (queue, memory bank, loss modules)."""
+        targets: list[nn.Module] = []
+        for name, child in self.named_children():
+            if name == "probe" or next(child.parameters(), None) is None:
+                continue
+            for module in child if isinstance(child, MomentumEncoder) else [child]:
+                targets.append(module)
+                blocks = getattr(module, "blocks", None)
+                if isinstance(blocks, nn.Module):
+                    targets.append(blocks)
+        return targets
+
+    def configure_model(self) -> None:
+        """With ``compile``, compile :meth:`compile_targets` once, before Lightning moves and wraps the model.
+
+        ``nn.Module.compile`` compiles a module's call in place: the module, its parameters and their names are
+        unchanged (no ``_orig_mod.`` in checkpoint keys), and the EMA update of a momentum encoder, which writes
+        its parameters in place, is seen by the compiled graph (parameters are graph inputs, not constants).
+        """
+        if self.hparams.compile and not self._compiled:
+            for module in self.compile_targets():
+                module.compile(**(self.hparams.compile_kwargs or {}))
+            self._compiled = True
 
     def on_train_start(self) -> None:
         """Give each rank, and each resumed run, its own random stream; give every rank the same probe.
