@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from sslpipe.errors import ConfigError
 
 
 def _apply_cifar_stem(model: nn.Module, name: str) -> None:
@@ -45,7 +48,7 @@ def build_backbone(
         try:
             model = torchvision.models.get_model(tv_name, weights=None, **kwargs)
         except ValueError as err:
-            raise ValueError(f"unknown torchvision model {tv_name!r}: {err}") from err
+            raise ConfigError(f"model.backbone={name!r} is unknown: {err}") from err
         if cifar_stem:
             _apply_cifar_stem(model, name)
         for head in ("fc", "classifier", "heads", "head"):
@@ -57,10 +60,26 @@ def build_backbone(
     import timm
 
     if not timm.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}: use a timm name (timm.list_models()) or 'torchvision/<name>'")
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ConfigError(
+            f"model.backbone={name!r} is unknown: choose a timm name (timm.list_models()"
+            + (f", e.g. {', '.join(close)}" if close else "")
+            + ") or 'torchvision/<name>'"
+        )
     if image_size is not None and ("vit" in name or "deit" in name or "swin" in name or "eva" in name):
         kwargs.setdefault("img_size", image_size)
     model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    patch_embed = getattr(model, "patch_embed", None)
+    patch = getattr(patch_embed, "patch_size", None)
+    if image_size is not None and patch is not None and not getattr(model, "dynamic_img_size", False):
+        patch = tuple(patch) if isinstance(patch, (tuple, list)) else (patch, patch)
+        if image_size % patch[0] or image_size % patch[1]:
+            side = patch[0]
+            raise ConfigError(
+                f"data.image_size={image_size} is not divisible by the patch size {side} of {name!r}: choose an image "
+                f"size that is a multiple of {side} (e.g. {max(side, image_size // side * side)}) or set "
+                "model.backbone_kwargs.patch_size"
+            )
     if cifar_stem:
         _apply_cifar_stem(model, name)
     width = getattr(model, "num_features", None) or _probe_width(model, image_size or 224)

@@ -6,6 +6,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from sslpipe.errors import ConfigError
 from sslpipe.masking import gather_tokens, sincos_pos_embed_2d
 
 
@@ -28,7 +29,7 @@ def mlp(
         last_batch_norm: affine-free BatchNorm on the output (MoCo v3's projector).
     """
     if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        raise ConfigError(f"num_layers={num_layers} is invalid: an MLP head needs >= 1 Linear layer")
     layers: list[nn.Module] = []
     dim = in_dim
     for _ in range(num_layers - 1):

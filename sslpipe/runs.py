@@ -8,25 +8,52 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sslpipe.errors import ConfigError, check_choice
+
 ENV_RUN_DIR = "SSLPIPE_RUN_DIR"
+
+
+LOGGERS = ("csv", "wandb", "tensorboard")
+WANDB_MODES = ("offline", "online", "disabled")
+ON_NAN = ("stop", "skip")
 
 
 @dataclass
 class RunOptions:
-    """Where a run writes and what it logs to (the ``run.*`` keys).
+    """Where a run writes, what it logs to and how it survives interruptions (the ``run.*`` keys).
 
     Attributes:
-        name: run folder name under ``trainer.default_root_dir``; default ``<time>-<command>-<method>-<dataset>``.
+        name: run folder name under ``trainer.default_root_dir``; default ``<time>-<command>-<method>-<dataset>``
+            (``job<id>-...`` under SLURM or with ``SSLPIPE_RUN_ID``). A named run always uses the same folder, so
+            ``--run.name X --ckpt_path last`` continues run ``X``.
         loggers: any of ``csv``, ``wandb``, ``tensorboard``.
         wandb_project: W&B project name.
         wandb_mode: ``offline`` (default: no server needed; sync later with ``wandb sync``), ``online`` or
-            ``disabled``; the ``WANDB_MODE`` environment variable wins when set.
+            ``disabled``; the ``WANDB_MODE`` environment variable wins when set. ``online`` without an API key or
+            without a reachable server falls back to the other loggers with a warning.
+        checkpoint_every_n_steps: also write ``checkpoints/last.ckpt`` every this many optimiser steps (0: only
+            after validation), so a crash or pre-emption loses at most this many steps.
+        on_nan: a non-finite training loss ``stop``s the run (naming the step and the last good checkpoint) or
+            ``skip``s that step's update (costs one host sync per step: the loss is inspected before backward).
     """
 
     name: Optional[str] = None
     loggers: list[str] = field(default_factory=lambda: ["csv", "wandb"])
     wandb_project: str = "sslpipe"
     wandb_mode: str = "offline"
+    checkpoint_every_n_steps: int = 500
+    on_nan: str = "stop"
+
+    def __post_init__(self) -> None:
+        for name in self.loggers:
+            check_choice("run.loggers", name, LOGGERS)
+        check_choice("run.wandb_mode", self.wandb_mode, WANDB_MODES)
+        check_choice("run.on_nan", self.on_nan, ON_NAN)
+        if self.checkpoint_every_n_steps < 0:
+            raise ConfigError(
+                f"run.checkpoint_every_n_steps={self.checkpoint_every_n_steps} is invalid: use 0 (only after "
+                "validation) or a positive step count"
+            )
 
 
 def make_run_dir(root: Optional[str], parts: list[str], name: Optional[str] = None) -> str:
@@ -51,12 +78,49 @@ def make_run_dir(root: Optional[str], parts: list[str], name: Optional[str] = No
     stamp = f"job{job}" if job else time.strftime("%Y%m%d-%H%M%S")
     base = os.path.join(root, name or "-".join([stamp, *parts]))
     run_dir, n = base, 1
-    while not job and os.path.exists(run_dir):  # two runs in the same second: keep both
+    while not job and not name and os.path.exists(run_dir):  # two runs in the same second: keep both
         n += 1
         run_dir = f"{base}-{n}"
     os.makedirs(run_dir, exist_ok=True)
     os.environ[ENV_RUN_DIR] = run_dir
     return run_dir
+
+
+WANDB_PROBE_TIMEOUT = 3.0  # seconds to reach the W&B server before falling back to the other loggers
+WANDB_INIT_TIMEOUT = 30.0
+
+
+def wandb_online_problem() -> Optional[str]:
+    """Why W&B cannot log online from here (no API key, server unreachable), or ``None`` if it can.
+
+    Checked before any ``WandbLogger`` exists, within :data:`WANDB_PROBE_TIMEOUT` seconds: without this
+    wandb would prompt for a key or retry the connection for minutes, or fail the run at its first log call.
+    """
+    import netrc
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    host, port = url.hostname or "api.wandb.ai", url.port or (443 if url.scheme == "https" else 80)
+    key = os.environ.get("WANDB_API_KEY")
+    if not key:
+        try:
+            key = (netrc.netrc().authenticators(host) or (None, None, None))[2]
+        except (OSError, netrc.NetrcParseError):
+            key = None
+    if not key:
+        return (
+            f"no API key for {host} (set WANDB_API_KEY or run `wandb login`); "
+            "continuing with the other loggers (or set WANDB_MODE=offline and `wandb sync` later)"
+        )
+    try:
+        socket.create_connection((host, port), timeout=WANDB_PROBE_TIMEOUT).close()
+    except OSError as err:
+        return (
+            f"cannot reach {host}:{port} ({err}); continuing with the other loggers "
+            "(WANDB_MODE=offline keeps a local W&B run)"
+        )
+    return None
 
 
 def build_loggers(run_dir: str, options: RunOptions, run_name: str) -> list:
@@ -82,12 +146,22 @@ def build_loggers(run_dir: str, options: RunOptions, run_name: str) -> list:
             except Exception as err:  # pragma: no cover - wandb is a dependency, but never fatal
                 warnings.warn(f"wandb unavailable ({err}); continuing without it", stacklevel=2)
                 continue
+            if mode == "online" and (problem := wandb_online_problem()):
+                warnings.warn(f"W&B online logging is off for this run: {problem}", stacklevel=2)
+                continue
             os.environ.setdefault("WANDB_SILENT", "true")
             loggers.append(
-                WandbLogger(project=options.wandb_project, name=run_name, save_dir=run_dir, offline=mode == "offline")
+                WandbLogger(
+                    project=options.wandb_project,
+                    name=run_name,
+                    save_dir=run_dir,
+                    offline=mode != "online",
+                    # a server that accepts the connection but stalls gives up after this, not wandb's 90 s
+                    settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT),
+                )
             )
         else:
-            raise ValueError(f"unknown logger {name!r} in run.loggers: choose from 'csv', 'wandb', 'tensorboard'")
+            check_choice("run.loggers", name, LOGGERS)
     return loggers
 
 
@@ -100,5 +174,6 @@ def finish_loggers(loggers: list) -> None:
     from pytorch_lightning.loggers import WandbLogger
 
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()  # a no-op stand-in on ranks other than 0
+        # `_experiment`, not `experiment`: reading the property would start (re-initialise) a run that never began.
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger._experiment.finish()

@@ -18,7 +18,7 @@ from sslpipe.data.datasets import (
     imagefolder_num_classes,
 )
 from sslpipe.data.scan import OnBadImage
-from sslpipe.errors import ConfigError, DataError
+from sslpipe.errors import ConfigError, DataError, check_positive
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -59,8 +59,15 @@ class SSLDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.spec = dataset_spec(dataset)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_positive("data.batch_size", batch_size)
+        if image_size is not None:
+            check_positive("data.image_size", image_size)
+        if eval_batch_size is not None:
+            check_positive("data.eval_batch_size", eval_batch_size)
+        if num_workers < 0:
+            raise ConfigError(
+                f"data.num_workers={num_workers} is invalid: it must be >= 0 (0 loads in the main process)"
+            )
         self.save_hyperparameters(ignore=["views"])
         self.dataset = dataset
         self.root = root

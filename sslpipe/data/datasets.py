@@ -55,7 +55,7 @@ def dataset_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}") from None
+        raise ConfigError(f"data.dataset={name!r} is unknown: choose one of {', '.join(sorted(DATASETS))}") from None
 
 
 def build_dataset(

@@ -13,16 +13,25 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, get_args
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from sslpipe.backbones import build_backbone
+from sslpipe.errors import check_choice, check_positive
 from sslpipe.momentum import MomentumEncoder
 from sslpipe.optim import OptimizerName, build_optimizer, param_groups, warmup_cosine
 from sslpipe.probe import OnlineProbe
+
+
+def check_method_sizes(**values: float) -> None:
+    """Raise :class:`~sslpipe.errors.ConfigError` naming ``model.<key>`` for any value that is not > 0
+    (temperatures, head widths and depths, queue sizes): called first in each method's constructor, so a bad
+    config stops when it is read, before a backbone is built or data touched."""
+    for key, value in values.items():
+        check_positive(f"model.{key}", value)
 
 
 @dataclass
@@ -97,6 +106,10 @@ class SSLMethod(pl.LightningModule):
         compile_kwargs: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
+        check_positive("model.image_size", image_size, "it is linked from data.image_size")
+        check_positive("model.base_lr", base_lr)
+        check_positive("model.lr_reference_batch", lr_reference_batch)
+        check_choice("model.optimizer", optimizer, get_args(OptimizerName))
         self.save_hyperparameters()
         self.backbone, self.feature_dim = build_backbone(
             backbone, cifar_stem=cifar_stem, image_size=image_size, **(backbone_kwargs or {})

@@ -6,9 +6,11 @@ from typing import Any, Optional
 
 import torch
 
+from sslpipe.errors import check_open_unit
 from sslpipe.heads import MAEDecoder
 from sslpipe.losses.reconstruction import masked_mse_loss
-from sslpipe.masking import gather_tokens, num_visible, patchify, random_masking
+from sslpipe.masking import gather_tokens, patchify, random_masking
+from sslpipe.methods.base import check_method_sizes
 from sslpipe.methods.masked import MaskedImageModel, Prediction
 
 
@@ -37,8 +39,9 @@ class MaskedAutoencoder(MaskedImageModel):
         decoder_mlp_ratio: float = 4.0,
         **kwargs: Any,
     ) -> None:
+        check_open_unit("model.mask_ratio", mask_ratio)
+        check_method_sizes(decoder_dim=decoder_dim, decoder_depth=decoder_depth, decoder_heads=decoder_heads)
         super().__init__(**kwargs)
-        num_visible(self.num_patches, mask_ratio)  # fails early on a bad ratio
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.decoder = MAEDecoder(

@@ -12,7 +12,7 @@ from sslpipe.batchnorm import BatchNormPolicy
 from sslpipe.heads import mlp
 from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock, infonce_loss
 from sslpipe.memory import MomentumQueue
-from sslpipe.methods.base import SSLMethod, SSLOutput
+from sslpipe.methods.base import SSLMethod, SSLOutput, check_method_sizes
 from sslpipe.momentum import MomentumEncoder
 
 
@@ -58,6 +58,13 @@ class MoCoV2(SSLMethod):
         contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
+        check_method_sizes(
+            temperature=temperature,
+            proj_hidden_dim=proj_hidden_dim,
+            proj_output_dim=proj_output_dim,
+            proj_num_layers=proj_num_layers,
+            queue_size=queue_size,
+        )
         super().__init__(**kwargs)
         self.bn = BatchNormPolicy(bn_splits, shuffle_bn, sync_bn)
         self.temperature, self.contrastive_block = temperature, contrastive_block

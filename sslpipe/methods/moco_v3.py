@@ -11,7 +11,7 @@ from torch import nn
 from sslpipe.batchnorm import BatchNormPolicy
 from sslpipe.heads import mlp
 from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock, batch_infonce_loss
-from sslpipe.methods.base import SSLMethod, SSLOutput
+from sslpipe.methods.base import SSLMethod, SSLOutput, check_method_sizes
 from sslpipe.momentum import MomentumEncoder
 
 
@@ -54,6 +54,13 @@ class MoCoV3(SSLMethod):
         contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
+        check_method_sizes(
+            temperature=temperature,
+            proj_hidden_dim=proj_hidden_dim,
+            proj_output_dim=proj_output_dim,
+            proj_num_layers=proj_num_layers,
+            pred_hidden_dim=pred_hidden_dim,
+        )
         super().__init__(**kwargs)
         self.bn = BatchNormPolicy(bn_splits, shuffle_bn, sync_bn)
         self.temperature, self.contrastive_block = temperature, contrastive_block

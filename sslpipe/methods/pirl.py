@@ -16,7 +16,7 @@ from sslpipe.heads import mlp
 from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock
 from sslpipe.losses.pirl import PIRLLoss, PIRLLossForm, estimate_nce_log_z
 from sslpipe.memory.bank import MemoryBank
-from sslpipe.methods.base import SSLMethod, SSLOutput
+from sslpipe.methods.base import SSLMethod, SSLOutput, check_method_sizes
 
 
 class PIRL(SSLMethod):
@@ -60,9 +60,15 @@ class PIRL(SSLMethod):
         contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
+        check_method_sizes(
+            temperature=temperature,
+            proj_output_dim=proj_output_dim,
+            tile_dim=tile_dim,
+            proj_hidden_dim=proj_hidden_dim,
+            proj_num_layers=proj_num_layers,
+            num_negatives=num_negatives,
+        )
         super().__init__(**kwargs)
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         self.head_f = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers)
         self.tile_head = mlp(self.feature_dim, proj_hidden_dim, tile_dim, proj_num_layers)
         self.head_g = nn.Linear(NUM_TILES * tile_dim, proj_output_dim)

@@ -8,7 +8,7 @@ import torch
 
 from sslpipe.heads import mlp
 from sslpipe.losses import DEFAULT_BLOCK, ContrastiveBlock, nt_xent_loss
-from sslpipe.methods.base import SSLMethod, SSLOutput
+from sslpipe.methods.base import SSLMethod, SSLOutput, check_method_sizes
 
 
 class SimCLR(SSLMethod):
@@ -35,6 +35,12 @@ class SimCLR(SSLMethod):
         contrastive_block: ContrastiveBlock = DEFAULT_BLOCK,
         **kwargs: Any,
     ) -> None:
+        check_method_sizes(
+            temperature=temperature,
+            proj_hidden_dim=proj_hidden_dim,
+            proj_output_dim=proj_output_dim,
+            proj_num_layers=proj_num_layers,
+        )
         super().__init__(**kwargs)
         self.projector = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers)
         self.temperature = temperature

@@ -7,8 +7,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from sslpipe.errors import check_open_unit
 from sslpipe.losses.reconstruction import masked_l1_loss
 from sslpipe.masking import block_masking, patchify
+from sslpipe.methods.base import check_method_sizes
 from sslpipe.methods.masked import MaskedImageModel, Prediction
 
 
@@ -25,6 +27,8 @@ class SimMIM(MaskedImageModel):
     encoder_sees_mask_tokens = True
 
     def __init__(self, mask_ratio: float = 0.6, mask_block_size: int = 2, **kwargs: Any) -> None:
+        check_open_unit("model.mask_ratio", mask_ratio)
+        check_method_sizes(mask_block_size=mask_block_size)
         super().__init__(**kwargs)
         block_masking(1, self.grid, mask_block_size, mask_ratio)  # fails early on a bad ratio or block
         self.mask_ratio = mask_ratio
