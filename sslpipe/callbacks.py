@@ -1,31 +1,200 @@
-"""Callbacks every pretraining run gets: throughput measurement and the run's metrics.json."""
+"""Callbacks every pretraining run gets: throughput and the run's metrics.json, checkpoints that are never
+written from a non-finite state, the non-finite-loss stop, and a checkpoint on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
 import time
 from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
+from sslpipe.errors import UserError
 from sslpipe.monitor import DataWaitMonitor
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN/inf float (nested in dicts and lists) replaced by ``None``: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_metrics(run_dir: str, metrics: dict[str, Any]) -> str:
-    """Merge ``metrics`` into ``<run_dir>/metrics.json`` (created if absent) and return its path."""
+    """Merge ``metrics`` into ``<run_dir>/metrics.json`` (created if absent) and return its path.
+
+    The file is strict JSON (non-finite numbers become ``null``), readable by any JSON parser.
+    """
     path = os.path.join(run_dir, "metrics.json")
     current: dict[str, Any] = {}
     if os.path.exists(path):
         with open(path) as f:
-            current = json.load(f)
+            current = json.load(f)  # Python's reader accepts a NaN an older sslpipe wrote; it is nulled below
     current.update(metrics)
     os.makedirs(run_dir, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(current, f, indent=2, sort_keys=True)
+        json.dump(strict_json(current), f, indent=2, sort_keys=True, allow_nan=False)
     return path
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or infinite (``run.on_nan stop``)."""
+
+
+class NonFiniteGuard(pl.Callback):
+    """Stops the run at a non-finite training loss, without a host sync per step.
+
+    Each step adds ``not isfinite(loss)`` to a counter on the device and keeps the first such step there; the
+    host reads them every ``trainer.log_every_n_steps`` steps (when logging syncs anyway), at the end of each
+    epoch and before every checkpoint (:meth:`check`), so a non-finite state is never saved over a good one.
+    The error names the first bad step and the last checkpoint written from a finite state.
+
+    Args:
+        on_nan: ``stop`` (default) or ``skip`` (the method skips such steps' update itself; see ``run.on_nan``).
+    """
+
+    def __init__(self, on_nan: str = "stop") -> None:
+        self.on_nan = on_nan
+        self._bad: Optional[torch.Tensor] = None
+        self._first: Optional[torch.Tensor] = None
+        self.last_good: Optional[tuple[str, int]] = None  # (path, step) of the last checkpoint from a finite state
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module.on_nan = self.on_nan  # type: ignore[assignment]
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):  # a skipped step (run.on_nan skip) returned None
+            return
+        bad = ~torch.isfinite(loss.detach())
+        if self._bad is None:
+            self._bad = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._first = torch.full((), -1, dtype=torch.long, device=loss.device)
+        # global_step is already this step's count + 1 after the optimiser step: the bad step is the one before.
+        step = trainer.global_step - 1 if trainer.global_step > 0 else 0
+        self._first = torch.where(bad & (self._first < 0), step, self._first)
+        self._bad = self._bad + bad.long()
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: pl.Trainer) -> None:
+        """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss (one host sync)."""
+        if self._bad is None or int(self._bad) == 0:
+            return
+        if self.last_good is not None:
+            good = f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+        else:
+            last = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+            good = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+        raise NonFiniteLossError(
+            f"training loss became non-finite (NaN/inf) at step {int(self._first)} ({int(self._bad)} such steps); "
+            f"stopped without saving; {good}: resume from it with --ckpt_path and a lower model.base_lr (or longer "
+            "warm-up), or set --run.on_nan skip to skip such steps"
+        )
+
+
+def _guard(trainer: pl.Trainer) -> Optional[NonFiniteGuard]:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard)), None)
+
+
+def save_checkpoint_checked(trainer: pl.Trainer, filepath: str, save: Any = None) -> None:
+    """Save a checkpoint to ``filepath`` only from a finite state: the :class:`NonFiniteGuard` checks first (and
+    raises), so a non-finite model never overwrites the last good checkpoint. ``save(trainer, filepath)`` writes
+    it (default: ``trainer.save_checkpoint``)."""
+    guard = _guard(trainer)
+    if guard is not None:
+        guard.check(trainer)
+    (save or (lambda t, path: t.save_checkpoint(path)))(trainer, filepath)
+    if guard is not None:
+        guard.last_good = (filepath, trainer.global_step)
+
+
+class GuardedCheckpoint(ModelCheckpoint):
+    """:class:`ModelCheckpoint` whose every write goes through :func:`save_checkpoint_checked`."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        save_checkpoint_checked(trainer, filepath, super()._save_checkpoint)
+
+
+class Interrupted(UserError):
+    """The run was stopped by a signal after saving a checkpoint; the CLI exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class SaveOnInterrupt(pl.Callback):
+    """On SIGTERM or SIGINT: finish the current step, save ``checkpoints/last.ckpt``, write ``metrics.json`` so far.
+
+    Lightning turns SIGTERM into an exception at the end of the running batch (``SIGTERMException``); SIGINT is
+    made to do the same (a second Ctrl+C interrupts at once). The checkpoint then holds a consistent state: the
+    step done, the loader position after it. :func:`sslpipe.pretrain.main` re-raises it as :class:`Interrupted`
+    so the process exits non-zero (128 + signal number, as a shell reports a signal).
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.run_dir = run_dir
+        self.signal: Optional[int] = None
+        self.saved: Optional[str] = None
+        self._previous_sigint: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self.signal = signal.SIGINT
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl+C stops at once
+            trainer._signal_connector.received_sigterm = True  # stop at the end of this batch, like SIGTERM
+
+        self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, NonFiniteLossError):
+            _write_summary(trainer, "stopped: non-finite loss")
+            return
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        if self.signal is None:
+            self.signal = signal.SIGINT if isinstance(exception, KeyboardInterrupt) else signal.SIGTERM
+        if trainer.global_step > 0 and not isinstance(exception, KeyboardInterrupt):
+            path = os.path.join(self.run_dir, "checkpoints", "last.ckpt")
+            save_checkpoint_checked(trainer, path)
+            self.saved = path
+        _write_summary(trainer, f"interrupted by {signal.Signals(self.signal).name}")
+        for logger in trainer.loggers:
+            logger.save()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
+
+
+def _write_summary(trainer: pl.Trainer, status: str) -> None:
+    for cb in trainer.callbacks:
+        if isinstance(cb, RunSummary):
+            cb.write(trainer, status)
 
 
 class RunSummary(pl.Callback):
@@ -64,9 +233,14 @@ class RunSummary(pl.Callback):
             return None
         return self._images / (time.perf_counter() - self._t0)
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.write(trainer, "finished")
+
+    @rank_zero_only
+    def write(self, trainer: pl.Trainer, status: str) -> None:
+        """Write the run's summary into ``metrics.json`` (at the end of fit, or when it stops early)."""
         metrics = trainer.callback_metrics
+        pl_module = trainer.lightning_module
 
         def scalar(name: str) -> Optional[float]:
             value = metrics.get(name)
@@ -78,6 +252,8 @@ class RunSummary(pl.Callback):
             if getattr(cb, "monitor", None) == "val/online_linear_top1" and cb.best_model_score is not None:
                 best = float(cb.best_model_score)
         summary = {
+            "status": status,
+            "skipped_nonfinite_steps": getattr(pl_module, "skipped_steps", 0),
             "method": self.method,
             "dataset": self.dataset,
             "epochs": trainer.current_epoch,

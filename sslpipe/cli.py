@@ -128,7 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if debug:
             raise
         print(f"sslpipe {command}: error: {user_message(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        # a run stopped by a signal exits like a killed process (128 + signal); other user errors with 2
+        raise SystemExit(getattr(err, "exit_code", 2)) from None
     if run_dir:
         from pytorch_lightning.utilities import rank_zero_only
 

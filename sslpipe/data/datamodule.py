@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Union
 
 import pytorch_lightning as pl
@@ -19,6 +20,7 @@ from sslpipe.data.datasets import (
 )
 from sslpipe.data.scan import OnBadImage
 from sslpipe.errors import ConfigError, DataError, check_positive
+from sslpipe.resume import ResumableSampler, loader_position
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -89,6 +91,18 @@ class SSLDataModule(pl.LightningDataModule):
         self.download = download
         self.views = views if views is not None else SimCLRViews()
         self._datasets: dict[str, Dataset] = {}
+        self._resume_position: dict[str, int] = {"epoch": 0, "batches": 0}
+
+    # ------------------------------------------------------------ checkpointed loader position
+    def state_dict(self) -> dict[str, Any]:
+        """The loader position (epoch, batches trained on) for an exact mid-epoch resume (:mod:`sslpipe.resume`)."""
+        trainer = self._trainer
+        return loader_position(trainer) if trainer is not None and trainer.fit_loop is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loader where the checkpoint left it (applied by :meth:`train_dataloader`)."""
+        if state_dict:
+            self._resume_position = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
     # ------------------------------------------------------------ facts about the data
     @property
@@ -189,34 +203,48 @@ class SSLDataModule(pl.LightningDataModule):
         return pretrain.with_transform(self.eval_transform())
 
     # ------------------------------------------------------------ loaders
-    def _loader(self, dataset: Dataset, batch_size: int, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: Optional[ResumableSampler] = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,  # equal per-rank batches keep gathered negatives and queues aligned
+            sampler=sampler,
+            drop_last=sampler is not None,  # equal per-rank batches keep gathered negatives and queues aligned
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
+            # Worker seeds from a private generator: creating an iterator leaves the global stream alone.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
+    @property
+    def seed(self) -> int:
+        """The run's seed (``seed_everything``), which orders each epoch and seeds each sample's augmentation."""
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled multi-view batches; Lightning adds a DistributedSampler under DDP."""
+        """Shuffled multi-view batches from a :class:`~sslpipe.resume.ResumableSampler` (this rank's share under
+        DDP), starting where a resumed checkpoint stopped."""
         dataset = self.split_dataset("pretrain")
         if len(dataset) < self.batch_size:  # type: ignore[arg-type]
             raise ConfigError(
                 f"data.batch_size={self.batch_size} exceeds the {len(dataset)} pretraining images of "  # type: ignore[arg-type]
                 f"{self.dataset!r}; lower --data.batch_size"
             )
-        return self._loader(dataset, self.batch_size, train=True)
+        trainer = self._trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        position = self._resume_position
+        sampler = ResumableSampler(
+            dataset, replicas, rank, self.seed, position["epoch"], position["batches"] * self.batch_size
+        )
+        return self._loader(dataset, self.batch_size, sampler)
 
     def val_dataloader(self) -> Union[DataLoader, list]:
         """Labelled validation batches for the online probe; none (``[]``: Lightning skips validation) when the
         pretraining images have no labels, so there is no probe."""
         if "val" not in self._fit_splits():
             return []
-        return self._loader(self.split_dataset("val"), self.eval_batch_size, train=False)
+        return self._loader(self.split_dataset("val"), self.eval_batch_size)
 
     def eval_dataloader(self, split: Split) -> DataLoader:
         """Labelled, unshuffled batches of ``split`` with the eval transform (feature extraction)."""
-        return self._loader(self.split_dataset(split), self.eval_batch_size, train=False)
+        return self._loader(self.split_dataset(split), self.eval_batch_size)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -77,7 +78,10 @@ def build_dataset(
 class IndexedDataset(Dataset):
     """Wrap a ``(image, label)`` dataset so items become ``(image, label, index)``.
 
-    Methods with per-sample state (PIRL's memory bank) need the index; the others ignore it.
+    Methods with per-sample state (PIRL's memory bank) need the index; the others ignore it. Fetched as
+    ``dataset[(index, seed)]`` (what :class:`~sslpipe.resume.ResumableSampler` yields), the item's random
+    augmentation is drawn from ``seed`` alone, the caller's random stream left untouched: the same views
+    whichever worker loads it, however far the loader prefetched, and again after a resume.
     """
 
     def __init__(self, base: Dataset) -> None:
@@ -86,9 +90,15 @@ class IndexedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int]:
-        image, label = self.base[index]
-        return image, label, index
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[Any, int, int]:
+        if isinstance(key, tuple):
+            index, seed = key
+            with torch.random.fork_rng(devices=[]):  # torchvision's v2 transforms draw from torch's CPU stream
+                torch.manual_seed(seed)
+                image, label = self.base[index]
+            return image, label, index
+        image, label = self.base[key]
+        return image, label, key
 
 
 def _missing(name: str, path: str, hint: str) -> DataNotFoundError:

@@ -24,6 +24,7 @@ from sslpipe.errors import check_choice, check_positive
 from sslpipe.momentum import MomentumEncoder
 from sslpipe.optim import OptimizerName, build_optimizer, param_groups, warmup_cosine
 from sslpipe.probe import OnlineProbe
+from sslpipe.resume import collect_rng_states, set_rng_states
 
 
 def check_method_sizes(**values: float) -> None:
@@ -126,6 +127,11 @@ class SSLMethod(pl.LightningModule):
 
     #: The name runs, metrics and reports use (and the folder under configs/); default: the class name, lower case.
     label: ClassVar[str] = ""
+    #: What a non-finite loss does: ``stop`` (checked off the step by :class:`~sslpipe.callbacks.NonFiniteGuard`)
+    #: or ``skip`` the step's update; set from ``run.on_nan`` by the guard.
+    on_nan: str = "stop"
+    skipped_steps: int = 0
+    _restored_rng: Optional[dict[str, Any]] = None
 
     @classmethod
     def method_label(cls) -> str:
@@ -187,6 +193,11 @@ class SSLMethod(pl.LightningModule):
         views, labels, indices = batch
         out = self.ssl_step(views, indices)
         batch_size = labels.shape[0]
+        # run.on_nan skip: inspect the loss before backward (a host sync, paid only in this mode); returning
+        # None makes Lightning skip backward and the optimiser update of this step.
+        if self.on_nan == "skip" and not bool(torch.isfinite(out.loss.detach())):
+            self.skipped_steps += 1
+            return None  # type: ignore[return-value]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         for name, value in out.logs.items():
             self.log(f"train/{name}", value, batch_size=batch_size)
@@ -274,16 +285,21 @@ class SSLMethod(pl.LightningModule):
             self._compiled = True
 
     def on_train_start(self) -> None:
-        """Give each rank, and each resumed run, its own random stream; give every rank the same probe.
+        """Give each rank its own random stream, continue a resumed run's stream; give every rank the same probe.
 
         ``seed_everything`` seeds every rank alike, so rank r would draw the same MAE mask or PIRL
         negatives for its i-th image as every other rank, and the global batch would see W times fewer
-        distinct draws; a resumed run would replay the first run's draws. The stream is re-derived from
-        the global seed, the rank and the step (here, after Lightning has restored ``global_step``).
-        A fresh single-process run keeps the global seed. Weights stay identical: DDP broadcasts rank 0's.
+        distinct draws. A resumed run restores the random states stored in its checkpoint (rank 0's:
+        a single process continues exactly as if never stopped); other ranks, and a resumed checkpoint
+        without states, re-derive their stream from the global seed, the rank and the step (restored by
+        Lightning before this hook). Weights stay identical: DDP broadcasts rank 0's.
         """
         base = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything; unseeded ranks already differ
         rank, step = self.global_rank, self.trainer.global_step
+        if self._restored_rng is not None:
+            set_rng_states(self._restored_rng)
+            self._restored_rng = None
+            step = 0  # the stream continues: only other ranks need their own
         if base is not None and (rank or step):
             torch.manual_seed((int(base) + 1_000_003 * rank + 7_919 * step) % 2**63)
         if self.probe is not None:
@@ -292,11 +308,14 @@ class SSLMethod(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the class (so :func:`sslpipe.methods.load_method` can rebuild it) and the probe's optimiser."""
         checkpoint["sslpipe_method"] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint["rng_states"] = collect_rng_states()
         if self.probe is not None:
             checkpoint["online_probe_optimizer"] = self.probe.optimizer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the online probe's optimiser state (momentum buffers) on resume."""
+        """Restore the online probe's optimiser state (momentum buffers) on resume; keep the random states for
+        :meth:`on_train_start`."""
+        self._restored_rng = checkpoint.get("rng_states")
         state = checkpoint.get("online_probe_optimizer")
         if self.probe is not None and state is not None:
             self.probe.optimizer.load_state_dict(state)
