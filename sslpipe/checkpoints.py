@@ -42,7 +42,23 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         kind = "a dict without 'state_dict'" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
         raise CheckpointError(f"{path!r} is not a checkpoint written by `sslpipe pretrain` ({kind})")
+    check_finite_weights(checkpoint["state_dict"], path)
     return upgrade_checkpoint(checkpoint)
+
+
+def check_finite_weights(state_dict: dict[str, Any], source: str) -> None:
+    """Refuse weights with NaN/inf (a diverged run): evaluating or exporting them would only give garbage."""
+    bad = [
+        key
+        for key, value in state_dict.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
+    ]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{source!r} holds non-finite (NaN/inf) weights in {', '.join(bad[:3])}{more}: the run diverged before "
+            "it was saved; use an earlier checkpoint of the run"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- older versions

@@ -122,6 +122,8 @@ def main(argv: Sequence[str]) -> str:
         with open(os.path.join(cli.run_dir, "config.yaml"), "w") as f:
             f.write(cli.parser.dump(cli.config, skip_none=False))
     ckpt_path = resolve_ckpt_path(cli.config.ckpt_path, cli.run_dir)
+    # The sampler resumes mid-epoch itself (sslpipe.resume), which Lightning cannot see.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:

@@ -96,7 +96,7 @@ class SSLDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------ checkpointed loader position
     def state_dict(self) -> dict[str, Any]:
         """The loader position (epoch, batches trained on) for an exact mid-epoch resume (:mod:`sslpipe.resume`)."""
-        trainer = self._trainer
+        trainer = self.trainer
         return loader_position(trainer) if trainer is not None and trainer.fit_loop is not None else {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -230,7 +230,7 @@ class SSLDataModule(pl.LightningDataModule):
                 f"data.batch_size={self.batch_size} exceeds the {len(dataset)} pretraining images of "  # type: ignore[arg-type]
                 f"{self.dataset!r}; lower --data.batch_size"
             )
-        trainer = self._trainer
+        trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         position = self._resume_position
         sampler = ResumableSampler(
