@@ -107,6 +107,21 @@ def user_message(err: BaseException) -> str:
     return message.rsplit(marker, 1)[1] if "Original Traceback" in message and marker in message else message
 
 
+def find_user_error(err: BaseException) -> Optional[BaseException]:
+    """``err`` if it is a :class:`~sslpipe.errors.UserError`, else the first one it was raised from: jsonargparse
+    wraps a constructor's ``ConfigError`` (a class path's ``init_args``) into its own ``ValueError``."""
+    from sslpipe.errors import UserError
+
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, UserError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Console entry point ``sslpipe``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -120,12 +135,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"sslpipe: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         raise SystemExit(2)
     module, function = COMMANDS[command][0].split(":")
-    from sslpipe.errors import UserError
-
     try:
         run_dir = getattr(importlib.import_module(module), function)(expand_config_bases(rest))
-    except UserError as err:
-        if debug:
+    except Exception as raised:
+        err = find_user_error(raised)
+        if err is None or debug:
             raise
         print(f"sslpipe {command}: error: {user_message(err)}", file=sys.stderr)
         # a run stopped by a signal exits like a killed process (128 + signal); other user errors with 2
