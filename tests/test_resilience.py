@@ -277,7 +277,8 @@ def test_evaluation_refuses_nonfinite_checkpoint(runs_dir, tmp_path, capsys):
     )
     checkpoint = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
     key = next(k for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.") and v.is_floating_point())
-    checkpoint["state_dict"][key].view(-1)[0] = float("nan")
+    weight = checkpoint["state_dict"][key]
+    weight[(0,) * weight.dim()] = float("nan")
     bad = str(tmp_path / "bad.ckpt")
     torch.save(checkpoint, bad)
     for command in ("knn", "export"):
