@@ -376,3 +376,19 @@ def test_finish_loggers_never_starts_a_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(wandb, "init", no_init)
     finish_loggers([WandbLogger(project="p", save_dir=str(tmp_path), offline=True)])
+
+
+def test_sample_augmentation_is_a_function_of_its_seed_alone():
+    from sslpipe.data import SSLDataModule
+
+    dataset = SSLDataModule(dataset="digits", image_size=16, batch_size=4, num_workers=0).split_dataset("pretrain")
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first, label, index = dataset[(5, 123)]
+    assert torch.equal(torch.get_rng_state(), before), "loading a sample must leave the caller's stream alone"
+    torch.manual_seed(2)  # another caller state: the same views
+    again = dataset[(5, 123)][0]
+    other = dataset[(5, 124)][0]  # another seed: other views
+    assert (label, index) == (dataset.base[5][1], 5)
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert not all(torch.equal(x, y) for x, y in zip(first, other))
