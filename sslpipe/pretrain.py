@@ -61,7 +61,7 @@ def _pretrain_cli_class():
             logger = (
                 user_logger
                 if user_logger not in (None, True)
-                else build_loggers(self.run_dir, self.run_options, run_name)
+                else build_loggers(self.run_dir, self.run_options, run_name, resuming=cfg.ckpt_path is not None)
             )
             monitor = "val/online_linear_top1" if getattr(self.model, "probe", None) is not None else None
             checkpoints_dir = os.path.join(self.run_dir, "checkpoints")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import time
 import warnings
@@ -123,8 +124,36 @@ def wandb_online_problem() -> Optional[str]:
     return None
 
 
-def build_loggers(run_dir: str, options: RunOptions, run_name: str) -> list:
+def _continued_csv_logger_class() -> type:
+    from pytorch_lightning.loggers import CSVLogger
+    from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+    from pytorch_lightning.loggers.logger import rank_zero_experiment
+
+    class ContinuedWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # Lightning's deletes the file here; keep it and its header
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
+
+    class ContinuedCSVLogger(CSVLogger):
+        """A CSVLogger that appends to the ``metrics.csv`` of the run it resumes instead of deleting it."""
+
+        @property
+        @rank_zero_experiment
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = ContinuedWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return ContinuedCSVLogger
+
+
+def build_loggers(run_dir: str, options: RunOptions, run_name: str, resuming: bool = False) -> list:
     """Instantiate the configured Lightning loggers, all writing under ``run_dir``.
+
+    ``resuming``: the CSV log continues the interrupted run's ``metrics.csv`` (rows after the resumed checkpoint's
+    step, logged before a crash, appear twice: the later row is the resumed run's).
 
     W&B runs offline unless asked otherwise, so a machine without a W&B server never crashes; if
     wandb cannot start at all the run continues with the other loggers and a warning.
@@ -134,7 +163,7 @@ def build_loggers(run_dir: str, options: RunOptions, run_name: str) -> list:
     loggers = []
     for name in options.loggers:
         if name == "csv":
-            loggers.append(CSVLogger(run_dir, name="csv", version=""))
+            loggers.append((_continued_csv_logger_class() if resuming else CSVLogger)(run_dir, name="csv", version=""))
         elif name == "tensorboard":
             loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
         elif name == "wandb":

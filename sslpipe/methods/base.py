@@ -296,11 +296,12 @@ class SSLMethod(pl.LightningModule):
         """
         base = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything; unseeded ranks already differ
         rank, step = self.global_rank, self.trainer.global_step
-        if self._restored_rng is not None:
+        restored = self._restored_rng is not None
+        if restored:
             set_rng_states(self._restored_rng)
             self._restored_rng = None
-            step = 0  # the stream continues: only other ranks need their own
-        if base is not None and (rank or step):
+        # rank 0 of a resumed run continues its stored stream; other ranks re-derive theirs (step included)
+        if base is not None and (rank or (step and not restored)):
             torch.manual_seed((int(base) + 1_000_003 * rank + 7_919 * step) % 2**63)
         if self.probe is not None:
             self.probe.sync_parameters()
