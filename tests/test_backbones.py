@@ -64,7 +64,7 @@ def test_torchvision_resnet18():
 def test_unknown_names():
     with pytest.raises(ValueError, match="model.backbone='resnet17' is unknown"):
         build_backbone("resnet17")
-    with pytest.raises(ValueError, match="unknown torchvision model 'resnet17'"):
+    with pytest.raises(ValueError, match="model.backbone='torchvision/resnet17' is unknown"):
         build_backbone("torchvision/resnet17")
 
 

@@ -51,7 +51,7 @@ BAD_CONFIGS = [
     ("simclr", ["--data.batch_size", "0"], "data.batch_size=0"),
     ("simclr", ["--data.image_size", "-32"], "data.image_size=-32"),
     ("simclr", ["--model.init_args.backbone", "resnet_nope"], "model.backbone='resnet_nope' is unknown"),
-    ("simclr", ["--data.dataset", "nope"], "data.dataset='nope' is unknown: choose one of cifar10"),
+    ("simclr", ["--data.dataset", "nope"], "data.dataset='nope' is unknown: choose one of 'cifar10'"),
     ("simclr", ["--run.loggers", "[csv,nope]"], "run.loggers='nope' is invalid: choose one of 'csv', 'wandb'"),
     ("simclr", ["--run.on_nan", "ignore"], "run.on_nan='ignore' is invalid: choose one of 'stop', 'skip'"),
 ]
@@ -399,3 +399,17 @@ def test_sample_augmentation_is_a_function_of_its_seed_alone():
     assert (label, index) == (dataset.base[5][1], 5)
     assert all(torch.equal(x, y) for x, y in zip(first, again))
     assert not all(torch.equal(x, y) for x, y in zip(first, other))
+
+
+def test_on_nan_skip_skips_the_update_and_finishes(runs_dir):
+    args = [
+        "pretrain", "--config", "configs/simclr/digits.yaml", *TINY, "--trainer.default_root_dir", runs_dir,
+        "--run.name", "skip", "--data.image_size", "16", "--model.init_args.backbone", "resnet10t",
+        "--trainer.limit_train_batches", "5", "--run.on_nan", "skip", "--run.checkpoint_every_n_steps", "2",
+        "--trainer.callbacks", "tests.nan_injector.PoisonBatchAtStep", "--trainer.callbacks.init_args.step", "2",
+    ]  # fmt: skip
+    run_dir, _ = run_cli(args)
+    metrics = _strict_load(os.path.join(run_dir, "metrics.json"))
+    assert metrics["status"] == "finished" and metrics["skipped_nonfinite_steps"] == 1
+    checkpoint = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())

@@ -56,7 +56,9 @@ def dataset_spec(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise ConfigError(f"data.dataset={name!r} is unknown: choose one of {', '.join(sorted(DATASETS))}") from None
+        raise ConfigError(
+            f"data.dataset={name!r} is unknown: choose one of {', '.join(map(repr, sorted(DATASETS)))}"
+        ) from None
 
 
 def build_dataset(
