@@ -92,20 +92,42 @@ class NonFiniteGuard(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check(trainer)
 
+    def check_state(self, trainer: pl.Trainer) -> None:
+        """Raise :class:`NonFiniteLossError` if any parameter or buffer is non-finite (before a checkpoint is saved:
+        also catches what a finite loss hides, e.g. a queue or memory bank filled from a non-finite batch)."""
+        bad = nonfinite_tensors(trainer.lightning_module)
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise NonFiniteLossError(
+                f"non-finite (NaN/inf) values in {', '.join(bad[:3])}{more} at step {trainer.global_step}; stopped "
+                f"without saving; {self._last_good(trainer)}"
+            )
+
+    def _last_good(self, trainer: pl.Trainer) -> str:
+        if self.last_good is not None:
+            return f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+        last = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
+        return f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+
     def check(self, trainer: pl.Trainer) -> None:
         """Raise :class:`NonFiniteLossError` if any step so far had a non-finite loss (one host sync)."""
         if self._bad is None or int(self._bad) == 0:
             return
-        if self.last_good is not None:
-            good = f"the last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
-        else:
-            last = os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
-            good = f"the last good checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+        good = self._last_good(trainer)
         raise NonFiniteLossError(
             f"training loss became non-finite (NaN/inf) at step {int(self._first)} ({int(self._bad)} such steps); "
             f"stopped without saving; {good}: resume from it with --ckpt_path and a lower model.base_lr (or longer "
             "warm-up), or set --run.on_nan skip to skip such steps"
         )
+
+
+def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers of ``module`` holding NaN/inf (one host sync)."""
+    named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [n for (n, _), ok in zip(named, finite) if not ok]
 
 
 def _guard(trainer: pl.Trainer) -> Optional[NonFiniteGuard]:
@@ -119,6 +141,7 @@ def save_checkpoint_checked(trainer: pl.Trainer, filepath: str, save: Any = None
     guard = _guard(trainer)
     if guard is not None:
         guard.check(trainer)
+        guard.check_state(trainer)
     (save or (lambda t, path: t.save_checkpoint(path)))(trainer, filepath)
     if guard is not None:
         guard.last_good = (filepath, trainer.global_step)

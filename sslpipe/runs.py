@@ -35,7 +35,9 @@ class RunOptions:
         checkpoint_every_n_steps: also write ``checkpoints/last.ckpt`` every this many optimiser steps (0: only
             after validation), so a crash or pre-emption loses at most this many steps.
         on_nan: a non-finite training loss ``stop``s the run (naming the step and the last good checkpoint) or
-            ``skip``s that step's update (costs one host sync per step: the loss is inspected before backward).
+            ``skip``s that step's update and restores the BatchNorm statistics its forward changed (costs a copy of
+            those and one host sync per step). Either way no checkpoint is written from a non-finite state: a
+            queue or memory bank filled from a non-finite batch stops the run at the next checkpoint.
     """
 
     name: Optional[str] = None

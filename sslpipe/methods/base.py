@@ -191,11 +191,16 @@ class SSLMethod(pl.LightningModule):
     def training_step(self, batch: tuple[Any, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """The self-supervised loss (returned for Lightning's backward) and one online-probe step."""
         views, labels, indices = batch
+        skip = self.on_nan == "skip"
+        # run.on_nan skip: BatchNorm statistics are saved before the forward (a non-finite batch would poison
+        # them), the loss is inspected before backward (a host sync, paid only in this mode), and returning None
+        # makes Lightning skip backward and the optimiser update of this step.
+        norm_stats = [(b, b.clone()) for b in self._norm_statistics()] if skip else []
         out = self.ssl_step(views, indices)
         batch_size = labels.shape[0]
-        # run.on_nan skip: inspect the loss before backward (a host sync, paid only in this mode); returning
-        # None makes Lightning skip backward and the optimiser update of this step.
-        if self.on_nan == "skip" and not bool(torch.isfinite(out.loss.detach())):
+        if skip and not bool(torch.isfinite(out.loss.detach())):
+            for buffer, saved in norm_stats:
+                buffer.copy_(saved)
             self.skipped_steps += 1
             return None  # type: ignore[return-value]
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
@@ -207,6 +212,14 @@ class SSLMethod(pl.LightningModule):
             probe_loss = self.probe.training_step(out.features, labels, self.trainer.global_step, total)
             self.log("train/online_probe_loss", probe_loss, batch_size=batch_size)
         return out.loss
+
+    def _norm_statistics(self) -> list[torch.Tensor]:
+        """Running mean/var buffers of every BatchNorm (what a forward pass in training mode updates)."""
+        stats = []
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+                stats += [module.running_mean, module.running_var]
+        return stats
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Online probe top-1 on the validation split (the number solo-learn reports during training)."""
