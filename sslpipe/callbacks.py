@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_only
 
+from sslpipe.checkpoints import nonfinite_names
 from sslpipe.errors import UserError
 from sslpipe.monitor import DataWaitMonitor
 
@@ -95,7 +96,8 @@ class NonFiniteGuard(pl.Callback):
     def check_state(self, trainer: pl.Trainer) -> None:
         """Raise :class:`NonFiniteLossError` if any parameter or buffer is non-finite (before a checkpoint is saved:
         also catches what a finite loss hides, e.g. a queue or memory bank filled from a non-finite batch)."""
-        bad = nonfinite_tensors(trainer.lightning_module)
+        module = trainer.lightning_module
+        bad = nonfinite_names([*module.named_parameters(), *module.named_buffers()])
         if bad:
             more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
             raise NonFiniteLossError(
@@ -119,15 +121,6 @@ class NonFiniteGuard(pl.Callback):
             f"stopped without saving; {good}: resume from it with --ckpt_path and a lower model.base_lr (or longer "
             "warm-up), or set --run.on_nan skip to skip such steps"
         )
-
-
-def nonfinite_tensors(module: torch.nn.Module) -> list[str]:
-    """Names of the floating-point parameters and buffers of ``module`` holding NaN/inf (one host sync)."""
-    named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()]
-    if not named:
-        return []
-    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
-    return [n for (n, _), ok in zip(named, finite) if not ok]
 
 
 def _guard(trainer: pl.Trainer) -> Optional[NonFiniteGuard]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -46,13 +46,27 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     return upgrade_checkpoint(checkpoint)
 
 
+#: Buffers in which NaN means "not estimated yet", not divergence (PIRL's NCE normaliser before its first batch).
+NAN_MEANS_UNSET = ("nce_log_z",)
+
+
+def nonfinite_names(tensors: Iterable[tuple[str, Any]]) -> list[str]:
+    """Names of the floating-point tensors among ``(name, tensor)`` pairs holding NaN/inf (one host sync), but
+    :data:`NAN_MEANS_UNSET`: the one test of "non-finite state" for checkpoints written and read."""
+    named = [
+        (name, t)
+        for name, t in tensors
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and name.rsplit(".", 1)[-1] not in NAN_MEANS_UNSET
+    ]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
 def check_finite_weights(state_dict: dict[str, Any], source: str) -> None:
     """Refuse weights with NaN/inf (a diverged run): evaluating or exporting them would only give garbage."""
-    bad = [
-        key
-        for key, value in state_dict.items()
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())
-    ]
+    bad = nonfinite_names(state_dict.items())
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CheckpointError(

@@ -413,3 +413,17 @@ def test_on_nan_skip_skips_the_update_and_finishes(runs_dir):
     assert metrics["status"] == "finished" and metrics["skipped_nonfinite_steps"] == 1
     checkpoint = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+
+
+def test_nonfinite_check_names_bad_tensors_but_not_unset_markers():
+    from sslpipe.checkpoints import CheckpointError, check_finite_weights, nonfinite_names
+
+    state = {
+        "backbone.w": torch.ones(3),
+        "head.b": torch.tensor([1.0, float("inf")]),
+        "nce_log_z": torch.tensor(float("nan")),  # PIRL's "not estimated yet"
+        "queue.ptr": torch.tensor(3),
+    }
+    assert nonfinite_names(state.items()) == ["head.b"]
+    with pytest.raises(CheckpointError, match="non-finite .* in head.b"):
+        check_finite_weights(state, "x.ckpt")
