@@ -158,7 +158,7 @@ def _interrupted(trainer: Any) -> BaseException:
     signum = (cb.signal if cb is not None else None) or signal.SIGTERM
     where = f"checkpoint saved to {cb.saved}" if cb is not None and cb.saved else "no checkpoint saved (no step done)"
     return Interrupted(
-        f"interrupted by {signal.Signals(signum).name} at step {trainer.global_step}; {where}; "
-        "continue with the same --run.name and --ckpt_path last",
+        f"interrupted by {signal.Signals(signum).name} at step {trainer.global_step}; {where}; continue with "
+        f"--run.name {os.path.basename(os.path.normpath(trainer.default_root_dir))} --ckpt_path last",
         128 + int(signum),
     )
