@@ -427,3 +427,25 @@ def test_nonfinite_check_names_bad_tensors_but_not_unset_markers():
     assert nonfinite_names(state.items()) == ["head.b"]
     with pytest.raises(CheckpointError, match="non-finite .* in head.b"):
         check_finite_weights(state, "x.ckpt")
+
+
+def test_nonfinite_guard_adds_no_host_sync_between_checks(monkeypatch):
+    import types
+
+    from sslpipe.callbacks import NonFiniteGuard, NonFiniteLossError
+
+    guard = NonFiniteGuard()
+    trainer = types.SimpleNamespace(global_step=1, log_every_n_steps=4, default_root_dir="/nonexistent")
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("device-to-host sync in the guard's per-step hook")
+
+    with monkeypatch.context() as m:
+        for attr in ("item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
+            m.setattr(torch.Tensor, attr, forbidden)
+        for step, loss in [(1, 1.0), (2, float("nan")), (3, 2.0)]:  # steps 1-3: no check (every 4th step)
+            trainer.global_step = step
+            guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(loss)}, None, step)
+    trainer.global_step = 4
+    with pytest.raises(NonFiniteLossError, match="at step 1 \\(1 such steps\\)"):  # the step before global_step 2
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, None, 4)
