@@ -16,7 +16,7 @@ def _pretrain_cli_class():
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.cli import LightningCLI
 
-    from sslpipe.callbacks import RunSummary
+    from sslpipe.callbacks import RepresentationDiagnostics, RunSummary
     from sslpipe.monitor import DataWaitMonitor
     from sslpipe.runs import RunOptions, build_loggers, make_run_dir
 
@@ -25,6 +25,8 @@ def _pretrain_cli_class():
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(RunOptions, "run")
+            # RankMe, uniformity, alignment, energies every N epochs; collapse warns or stops (--diagnostics.*).
+            parser.add_class_arguments(RepresentationDiagnostics, "diagnostics")
             parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Resume from this checkpoint.")
             # The data knows the image size and label count; the model is told, never configured twice.
             parser.link_arguments("data.image_size", "model.init_args.image_size", apply_on="instantiate")
@@ -61,6 +63,9 @@ def _pretrain_cli_class():
             )
             callbacks = list(init.trainer.get("callbacks") or [])
             callbacks += [checkpoint, RunSummary(self.run_dir, self.method_name, cfg.data.dataset), DataWaitMonitor()]
+            diagnostics = RepresentationDiagnostics(**cfg.diagnostics.as_dict())
+            if diagnostics.every_n_epochs > 0:
+                callbacks.append(diagnostics)
             if logger:
                 callbacks.append(LearningRateMonitor(logging_interval="epoch"))
             return super().instantiate_trainer(logger=logger or False, callbacks=callbacks, **kwargs)
