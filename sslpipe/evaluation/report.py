@@ -257,16 +257,18 @@ def plot_energy_histograms(run: RunFeatures, path: str, title: str = "") -> dict
     for ax, (name, (pos, neg)) in zip(axes, energies.items()):
         pos_mean, neg_mean = float(pos.mean()), float(neg.mean())
         means[name] = {"energy_pos_mean": pos_mean, "energy_neg_mean": neg_mean, "energy_gap": neg_mean - pos_mean}
-        ax.hist(neg.numpy(), bins=bins, density=True, alpha=0.55, color="tab:red", label=f"negative pairs ({len(neg)})")
-        ax.hist(
-            pos.numpy(), bins=bins, density=True, alpha=0.55, color="tab:blue", label=f"positive pairs ({len(pos)})"
-        )
-        ax.axvline(neg_mean, color="tab:red", ls="--", lw=1.5, label=f"negative mean {neg_mean:+.3f}")
-        ax.axvline(pos_mean, color="tab:blue", ls="--", lw=1.5, label=f"positive mean {pos_mean:+.3f}")
+        for pairs, mean, colour, text in (
+            (neg, neg_mean, "tab:red", "negative"),
+            (pos, pos_mean, "tab:blue", "positive"),
+        ):
+            ax.hist(pairs.numpy(), bins=bins, density=True, color=colour, alpha=0.25)
+            ax.hist(pairs.numpy(), bins=bins, density=True, color=colour, histtype="step", lw=1.6)
+            ax.axvline(mean, color=colour, ls="--", lw=1.8, label=f"{text} pairs ({len(pairs)}): mean {mean:+.3f}")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.3)  # room for the legend above the bars
         ax.set_title(f"{titles[name]}: gap {neg_mean - pos_mean:.3f}")
         ax.set_xlabel("energy = -cos(f(x), f(y))   (low: similar)")
         ax.set_ylabel("density")
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper center", framealpha=0.9)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
