@@ -143,6 +143,7 @@ def _find_series(log: dict[str, list[tuple[int, float]]], pattern: str) -> Optio
 def plot_curves(logs: Sequence[tuple[str, dict[str, list[tuple[int, float]]]]], path: str) -> list[str]:
     """Training curves of one or several runs (``(label, read_csv_log(...))``), overlaid; returns the panel titles."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     panels = [p for p in CURVE_PANELS if any(_find_series(log, s) for _, log in logs for s, _ in p[2])]
     if not panels:
@@ -152,26 +153,40 @@ def plot_curves(logs: Sequence[tuple[str, dict[str, list[tuple[int, float]]]]], 
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.6 * nrows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
+    several = len(logs) > 1
     for ax, (title, ylabel, series, scale) in zip(axes.flat, panels):
-        for r, (label, log) in enumerate(logs):
+        drawn: list[tuple[str, str]] = []  # (style, series name) drawn in this panel
+        for r, (_, log) in enumerate(logs):
             for s, (pattern, name) in enumerate(series):
                 points = _find_series(log, pattern)
                 if not points:
                     continue
                 steps, values = zip(*points)
-                legend = name if len(logs) == 1 else (f"{label}: {name}" if len(series) > 1 else label)
-                colour = colours[(s if len(logs) == 1 else r) % len(colours)]
-                style = styles[s % len(styles)] if len(logs) > 1 else "-"
+                # One run: a colour per series. Several: a colour per run (figure legend), a line style per series.
+                colour = colours[(r if several else s) % len(colours)]
+                style = styles[s % len(styles)] if several else "-"
                 marker = "o" if len(points) < 15 else None
-                ax.plot(steps, [v * scale for v in values], style, color=colour, marker=marker, ms=4, label=legend)
+                ax.plot(steps, [v * scale for v in values], style, color=colour, marker=marker, ms=4, label=name)
+                if (style, name) not in drawn:
+                    drawn.append((style, name))
         ax.set_title(title)
         ax.set_xlabel("optimiser step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if not several:
+            ax.legend(fontsize=8)
+        elif len(drawn) > 1:  # line styles name the series; colours name the runs in the figure legend
+            ax.legend(
+                [Line2D([], [], color="black", ls=style) for style, _ in drawn], [n for _, n in drawn], fontsize=8
+            )
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    fig.tight_layout()
+    if several:
+        handles = [Line2D([], [], color=colours[r % len(colours)], lw=2) for r in range(len(logs))]
+        fig.legend(handles, [label for label, _ in logs], loc="upper center", ncol=min(3, len(logs)), fontsize=9)
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight() * math.ceil(len(logs) / 3)))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [p[0] for p in panels]
@@ -399,7 +414,9 @@ def write_report(
     md += ["## Metrics\n", table, "\nFrom each run's `metrics.json` (`rankme`: the last diagnostics of training).\n"]
 
     run_dirs = [run if not run.endswith(".json") else os.path.dirname(run) for run in runs]
-    logs = [(os.path.basename(os.path.abspath(r)), read_csv_log(r)) for r in run_dirs]
+    several = len(run_dirs) > 1
+    names = [os.path.basename(os.path.abspath(r)) for r in run_dirs]
+    logs = [(f"run{i + 1}: {n}" if several else n, read_csv_log(r)) for i, (n, r) in enumerate(zip(names, run_dirs))]
     logs = [(label, log) for label, log in logs if log]
     if logs:
         panels = plot_curves(logs, os.path.join(output, "curves.png"))
@@ -408,7 +425,6 @@ def write_report(
         md += [f"Panels: {', '.join(panels)}. x: optimiser step; `diag/*` are measured every few epochs.\n"]
 
     methods = available_embeddings(embeddings)
-    several = len(run_dirs) > 1
     for i, run_dir in enumerate(run_dirs):
         name = os.path.basename(os.path.abspath(run_dir))
         ckpt = os.path.join(run_dir, "checkpoints", f"{checkpoint}.ckpt")
