@@ -285,7 +285,8 @@ class RepresentationDiagnostics(pl.Callback):
             k: float(v) for k, v in representation_metrics(sample["clean"], sample["view1"], sample["view2"]).items()
         }
         for name, value in metrics.items():
-            pl_module.log(f"diag/{name}", value, on_step=False, on_epoch=True)
+            # every rank holds the same value: no reduction, logged once
+            pl_module.log(f"diag/{name}", value, on_step=False, on_epoch=True, rank_zero_only=True)
         return metrics
 
     def act(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
