@@ -399,6 +399,7 @@ def write_report(
 
     matplotlib.use("Agg")  # files only, no display
 
+    methods = available_embeddings(embeddings)  # a bad name fails before any work
     os.makedirs(output, exist_ok=True)
     rows: list[dict[str, Any]] = []
     for run in runs:
@@ -411,7 +412,11 @@ def write_report(
     table = metrics_table(rows, columns)
     summary: dict[str, Any] = {"runs": [], "table": rows}
     md = [f"# sslpipe report\n\n{len(runs)} run(s); generated {time.strftime('%Y-%m-%d %H:%M')}.\n"]
-    md += ["## Metrics\n", table, "\nFrom each run's `metrics.json` (`rankme`: the last diagnostics of training).\n"]
+    md += [
+        "## Metrics\n",
+        table,
+        "\nFrom each run's `metrics.json` (`rankme`: the last diagnostics during training, at the training precision).\n",
+    ]
 
     run_dirs = [run if not run.endswith(".json") else os.path.dirname(run) for run in runs]
     several = len(run_dirs) > 1
@@ -424,7 +429,6 @@ def write_report(
         md += [f"## Training curves{overlaid}\n", "![training curves](curves.png)\n"]
         md += [f"Panels: {', '.join(panels)}. x: optimiser step; `diag/*` are measured every few epochs.\n"]
 
-    methods = available_embeddings(embeddings)
     for i, run_dir in enumerate(run_dirs):
         name = os.path.basename(os.path.abspath(run_dir))
         ckpt = os.path.join(run_dir, "checkpoints", f"{checkpoint}.ckpt")
