@@ -415,7 +415,7 @@ def write_report(
     md += [
         "## Metrics\n",
         table,
-        "\nFrom each run's `metrics.json` (`rankme`: the last diagnostics during training, at the training precision).\n",
+        "\nFrom each run's `metrics.json` (`rankme`: the last diagnostics of training, at its precision).\n",
     ]
 
     run_dirs = [run if not run.endswith(".json") else os.path.dirname(run) for run in runs]
