@@ -61,8 +61,7 @@ def luma(x: torch.Tensor) -> torch.Tensor:
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     """HSV of float RGB in [0, 1], ``(N, 3, H, W)``; hue in [0, 1) (torchvision's formula, grey pixels hue 0)."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc, minc = x.amax(1), x.amin(1)
     delta = maxc - minc
     grey = delta == 0
     safe = torch.where(grey, torch.ones_like(delta), delta)
@@ -111,6 +110,33 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, ker
     return out.view(n, c, h, w)
 
 
+def color_jitter(x: torch.Tensor, blend: torch.Tensor, hue: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's brightness, contrast, saturation and hue adjustments with per-sample factors and order.
+
+    Args:
+        x: float RGB ``(N, 3, H, W)`` in [0, 1].
+        blend: ``(N, 3)`` brightness, contrast and saturation factors (1 = unchanged).
+        hue: ``(N,)`` hue shifts in turns, or ``None`` to skip the hue op (hue range 0).
+        order: ``(N, 4)`` a permutation of 0..3 per sample (0 brightness, 1 contrast, 2 saturation, 3 hue):
+            sample i applies op ``order[i, 0]`` first.
+    """
+    for slot in range(4):
+        op = order[:, slot].view(-1, 1, 1, 1)
+        grey = luma(x)
+        # One blend x' = f x + (1 - f) t covers the first three: t = 0, the mean luma, the pixel's luma.
+        target = torch.where(
+            op == 0,
+            torch.zeros_like(grey),
+            torch.where(op == 1, grey.mean((1, 2, 3), keepdim=True).expand_as(grey), grey),
+        )
+        factor = blend.gather(1, order[:, slot : slot + 1].clamp(max=2)).view(-1, 1, 1, 1)
+        factor = torch.where(op == 3, torch.ones_like(factor), factor)  # the hue slot: no blend
+        x = (factor * x + (1.0 - factor) * target).clamp(0.0, 1.0)
+        if hue is not None:
+            x = torch.where(op == 3, adjust_hue(x, hue), x)
+    return x
+
+
 def _constant(values: Sequence[float], device: torch.device) -> torch.Tensor:
     """A float32 tensor of ``values`` on ``device`` (callers cache it: one copy per device, not per batch)."""
     return torch.tensor(list(values), dtype=torch.float32).to(device)
@@ -155,9 +181,9 @@ class BatchedPhotometric:
         return self._constants[device]
 
     def color_jitter(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Brightness, contrast, saturation, hue with per-sample factors in a per-sample random order."""
+        """Draw per-sample jitter factors, application and order, then :func:`color_jitter`."""
         aug, n = self.aug, x.shape[0]
-        u = torch.rand(n, 6, device=x.device, generator=generator)
+        u = torch.rand(n, 5, device=x.device, generator=generator)
         apply = u[:, 4] < aug.jitter_p
         const = self.constants(x.device)
         blend = const["blend_low"] + const["blend_width"] * u[:, :3]  # (N, 3): brightness, contrast, saturation
@@ -165,21 +191,7 @@ class BatchedPhotometric:
         hue = aug.hue * (2.0 * u[:, 3] - 1.0)
         hue = torch.where(apply, hue, torch.zeros_like(hue))
         order = torch.rand(n, 4, device=x.device, generator=generator).argsort(1)  # a uniform permutation per row
-        for slot in range(4):
-            op = order[:, slot]  # 0 brightness, 1 contrast, 2 saturation, 3 hue
-            grey = luma(x)
-            # One blend x' = f x + (1 - f) t covers the first three: t = 0, the mean luma, the pixel's luma.
-            target = torch.where(
-                (op == 0).view(-1, 1, 1, 1),
-                torch.zeros_like(grey),
-                torch.where((op == 1).view(-1, 1, 1, 1), grey.mean((1, 2, 3), keepdim=True).expand_as(grey), grey),
-            )
-            factor = blend.gather(1, op.clamp(max=2).view(-1, 1))
-            factor = torch.where((op == 3).view(-1, 1), torch.ones_like(factor), factor).view(-1, 1, 1, 1)
-            x = (factor * x + (1.0 - factor) * target).clamp(0.0, 1.0)
-            if aug.hue > 0:
-                x = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, hue), x)
-        return x
+        return color_jitter(x, blend, hue if aug.hue > 0 else None, order)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Normalised float32 views of uint8 ``images`` ``(N, 3, H, W)``."""
