@@ -383,6 +383,8 @@ def test_pretrain_with_device_augmentation(config, runs_dir):
             "device",
             "--trainer.num_sanity_val_steps",
             "0",
+            "--trainer.check_val_every_n_epoch",
+            "1",
         ]
     )
     metrics = read_metrics(run_dir)
