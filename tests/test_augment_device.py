@@ -393,3 +393,18 @@ def test_pretrain_with_device_augmentation(config, runs_dir):
     ckpt = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=False)
     saved = ckpt["SSLDataModule"]["augment_generator"]
     assert saved["device_type"] == "cpu" and saved["world_size"] == 1
+
+
+def test_bench_augment_runs_at_a_tiny_size():
+    """scripts/bench_augment.py works end to end (its timings are only meaningful on an idle machine)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "scripts", "bench_augment.py")
+    spec = importlib.util.spec_from_file_location("bench_augment", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run(sizes=[16], device="cpu", iters=1, warmup=0, batch=4)
+    assert len(rows) == 1 and rows[0]["image_size"] == 16 and rows[0]["batch"] == 4 and rows[0]["device"] == "cpu"
+    assert rows[0]["batched_images_per_s"] > 0 and rows[0]["per_sample_images_per_s_per_core"] > 0
+    table = bench.markdown(rows)
+    assert table.count("\n") == 2 and "| 16 | 4 | cpu |" in table
