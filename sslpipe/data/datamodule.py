@@ -28,8 +28,9 @@ AugmentOn = Literal["auto", "cpu", "device"]
 
 # What ``data.augment_on: auto`` means when training on the CPU (on an accelerator auto is always ``device``).
 # Chosen by measurement: per-sample views in loader workers (cpu) vs crop/flip in the workers and the photometric
-# ops batched in the training process (device), scripts/bench_augment.py and the train section of
-# scripts/benchmark.py on the development CPU. Change it only with a new measurement.
+# ops batched in the training process (device), timed with scripts/bench_augment.py and the train section of
+# scripts/benchmark.py (data.augment_on rows) on the development CPU; the faster one is set here. Change it only
+# with a new measurement.
 CPU_AUGMENT_DEFAULT: Literal["cpu", "device"] = "device"
 
 # Mixed into the augmentation generator's seed so its stream is not the global generator's (seeded from the same
