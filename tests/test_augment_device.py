@@ -411,3 +411,20 @@ def test_bench_augment_runs_at_a_tiny_size():
     assert rows[0]["batched_images_per_s"] > 0 and rows[0]["per_sample_images_per_s_per_core"] > 0
     table = bench.markdown(rows)
     assert table.count("\n") == 2 and "| 16 | 4 | cpu |" in table
+
+
+def test_recipe_without_device_half():
+    """A custom recipe with only ``build``: auto falls back to per-sample views, explicit device names the fix."""
+    from sslpipe.augment import ViewRecipe, eval_transform
+    from sslpipe.errors import ConfigError
+
+    class PlainRecipe(ViewRecipe):
+        def build(self, image_size, mean, std):
+            return eval_transform(image_size, mean, std)
+
+    dm = SSLDataModule(image_size=16, batch_size=8, num_workers=0, augment_on="auto", views=PlainRecipe())
+    dm.setup("fit")
+    views, _, _ = next(iter(dm.train_dataloader()))
+    assert views.dtype == torch.float32 and dm.device_views(views) is views
+    with pytest.raises(ConfigError, match="--data.augment_on cpu"):
+        SSLDataModule(image_size=16, num_workers=0, augment_on="device", views=PlainRecipe()).setup("fit")
