@@ -115,8 +115,7 @@ class SSLDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.augment_on must be auto, cpu or device, got {augment_on!r}")
         self.augment_on = augment_on
         self._datasets: dict[str, Dataset] = {}
-        # Set when the pretraining set is built: the mode it was built with, and its device half (device mode).
-        self._built_augment_on: Optional[str] = None
+        # Set when the pretraining set is built: its device half (device mode only), used by on_after_batch_transfer.
         self._batched: Optional[BatchedAugment] = None
         self._generator: Optional[torch.Generator] = None
         self._restored_generator: Optional[dict[str, Any]] = None
@@ -187,7 +186,6 @@ class SSLDataModule(pl.LightningDataModule):
         if mode == "cpu":
             self._batched = None
             transform = self.views.build(self.image_size, self.mean, self.std)
-        self._built_augment_on = mode
         return transform
 
     # ------------------------------------------------------------ device augmentation
