@@ -1,5 +1,5 @@
-"""Callbacks every pretraining run gets: throughput and the run's metrics.json, checkpoints that are never
-written from a non-finite state, the non-finite-loss stop, and a checkpoint on SIGTERM/SIGINT."""
+"""Callbacks every pretraining run gets: throughput and the run's metrics.json, representation diagnostics,
+checkpoints that are never written from a non-finite state, the non-finite-loss stop, a checkpoint on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import math
 import os
 import signal
 import time
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from sslpipe.checkpoints import nonfinite_names
 from sslpipe.errors import UserError
@@ -367,3 +367,148 @@ class ReconstructionLogger(pl.Callback):
             elif isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("reconstructions", grid, global_step=trainer.global_step)
         return path
+
+
+class CollapseWarning(UserWarning):
+    """The embedding's effective rank fell below ``collapse_rank_threshold``."""
+
+
+OnCollapse = Literal["warn", "stop"]
+
+
+class RepresentationDiagnostics(pl.Callback):
+    """Every ``every_n_epochs`` epochs and after the last one, measure the embedding and act on collapse.
+
+    On a fixed sample of ``num_images`` validation images (pretraining images for unlabeled data; see
+    :mod:`sslpipe.evaluation.samples`) it computes, on the L2-normalised backbone features
+    (:func:`sslpipe.evaluation.diagnostics.representation_metrics`): RankMe, uniformity (t=2), alignment
+    (alpha=2) and energies of positive pairs (two of the method's views, or a lightly perturbed twin for
+    methods without a pair), and the mean/min per-dimension std. They are logged as ``diag/*``; the last
+    RankMe goes into ``metrics.json`` as ``rankme``.
+
+    Every rank measures the same sample with the same weights, so every rank takes the same decision
+    (stop, save) without communicating.
+
+    Args:
+        every_n_epochs: measure after every this many epochs (and after the last); 0 turns diagnostics off.
+        num_images: size of the fixed sample (a seeded random subset).
+        collapse_rank_threshold: RankMe below this is collapse: a :class:`CollapseWarning` naming the epoch. A
+            constant embedding scores 1; a random-init ResNet-18 on digits about 2 (its ReLU features share one
+            dominant direction, and RankMe does not centre them), after 5 epochs of SimCLR about 60.
+        on_collapse: ``warn`` keeps training; ``stop`` ends the run after the epoch that collapsed.
+        save_best_rank: keep the checkpoint with the highest RankMe as ``checkpoints/best_rank.ckpt``.
+        seed: seed of the sample and of its views.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        num_images: int = 512,
+        collapse_rank_threshold: float = 1.5,
+        on_collapse: OnCollapse = "warn",
+        save_best_rank: bool = True,
+        seed: int = 0,
+    ) -> None:
+        from sslpipe.errors import ConfigError
+
+        if every_n_epochs < 0:
+            raise ConfigError(f"diagnostics.every_n_epochs must be >= 0 (0: off), got {every_n_epochs}")
+        if on_collapse not in ("warn", "stop"):
+            raise ConfigError(f"diagnostics.on_collapse must be 'warn' or 'stop', got {on_collapse!r}")
+        self.every_n_epochs = every_n_epochs
+        self.num_images = num_images
+        self.collapse_rank_threshold = collapse_rank_threshold
+        self.on_collapse = on_collapse
+        self.save_best_rank = save_best_rank
+        self.seed = seed
+        self.best_rankme: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.collapse_epoch: Optional[int] = None
+        self._images: Any = None
+
+    # ------------------------------------------------------------------ state kept across a resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_rankme": self.best_rankme, "best_epoch": self.best_epoch, "collapse_epoch": self.collapse_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_rankme = state_dict.get("best_rankme")
+        self.best_epoch = state_dict.get("best_epoch")
+        self.collapse_epoch = state_dict.get("collapse_epoch")
+
+    # ------------------------------------------------------------------ when
+    def _due(self, trainer: pl.Trainer) -> bool:
+        epoch = trainer.current_epoch + 1  # epochs finished
+        last = (
+            (trainer.max_epochs is not None and 0 < trainer.max_epochs <= epoch)
+            or (trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step)
+            or trainer.should_stop
+        )
+        return self.every_n_epochs > 0 and (last or epoch % self.every_n_epochs == 0)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        metrics = self.measure(trainer, pl_module)
+        if metrics is not None:
+            self.act(trainer, metrics)
+
+    # ------------------------------------------------------------------ what
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[dict[str, float]]:
+        """Compute and log the ``diag/*`` metrics of the current weights (``None`` without a usable datamodule)."""
+        from sslpipe.evaluation.diagnostics import representation_metrics
+        from sslpipe.evaluation.samples import DiagnosticImages, embed_sample
+
+        dm = trainer.datamodule
+        if self._images is None:
+            if dm is None or not hasattr(dm, "get_dataset"):
+                rank_zero_warn("RepresentationDiagnostics needs an SSLDataModule; diagnostics are off for this run")
+                self.every_n_epochs = 0
+                return None
+            self._images = DiagnosticImages.from_datamodule(dm, self.num_images, self.seed)
+        sample = embed_sample(
+            pl_module,
+            self._images,
+            pl_module.device,
+            str(trainer.precision),
+            batch_size=getattr(dm, "eval_batch_size", 256),
+        )
+        # Once per N epochs, outside the training step: converting to Python floats here costs one sync.
+        metrics = {
+            k: float(v) for k, v in representation_metrics(sample["clean"], sample["view1"], sample["view2"]).items()
+        }
+        for name, value in metrics.items():
+            # every rank holds the same value: no reduction, logged once
+            pl_module.log(f"diag/{name}", value, on_step=False, on_epoch=True, rank_zero_only=True)
+        return metrics
+
+    def act(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Warn (and stop, by flag) on collapse; keep the best-rank checkpoint; write ``rankme`` into metrics.json."""
+        epoch, rankme = trainer.current_epoch, metrics["rankme"]
+        if rankme < self.collapse_rank_threshold:
+            if self.collapse_epoch is None:
+                self.collapse_epoch = epoch
+            action = "stopping the run (diagnostics.on_collapse: stop)" if self.on_collapse == "stop" else "continuing"
+            rank_zero_warn(
+                f"representation collapse at epoch {epoch}: RankMe {rankme:.2f} is below "
+                f"diagnostics.collapse_rank_threshold {self.collapse_rank_threshold}; {action}",
+                category=CollapseWarning,
+            )
+            if self.on_collapse == "stop":
+                trainer.should_stop = True
+        if self.best_rankme is None or rankme > self.best_rankme:
+            self.best_rankme, self.best_epoch = rankme, epoch
+            if self.save_best_rank:
+                trainer.save_checkpoint(self.best_rank_path(trainer), weights_only=False)  # all ranks: a barrier
+        if trainer.is_global_zero:
+            summary = {"rankme": rankme, "best_rankme": self.best_rankme, "best_rankme_epoch": self.best_epoch}
+            summary.update({f"diag_{k}": v for k, v in metrics.items() if k != "rankme"})
+            if self.collapse_epoch is not None:
+                summary["collapse_epoch"] = self.collapse_epoch
+            write_metrics(trainer.default_root_dir, summary)
+
+    @staticmethod
+    def best_rank_path(trainer: pl.Trainer) -> str:
+        """``best_rank.ckpt`` beside the run's other checkpoints (``<root>/checkpoints`` without a ModelCheckpoint)."""
+        checkpoint = trainer.checkpoint_callback
+        folder = getattr(checkpoint, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        return os.path.join(folder, "best_rank.ckpt")

@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "energy": ("sslpipe.energy:main", "[--data spiral|moons|rings] [--k K]    energy landscapes, 4 families, 2-D"),
     "report": (
         "sslpipe.evaluation.report:main",
-        "RUN_DIR [RUN_DIR ...]                  table of the runs' metrics.json",
+        "RUN_DIR [...] [--output DIR]           report.md: metrics, curves, energies, embeddings",
     ),
 }
 

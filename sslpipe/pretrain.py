@@ -24,7 +24,13 @@ def _pretrain_cli_class():
     from pytorch_lightning.callbacks import LearningRateMonitor
     from pytorch_lightning.cli import LightningCLI
 
-    from sslpipe.callbacks import GuardedCheckpoint, NonFiniteGuard, RunSummary, SaveOnInterrupt
+    from sslpipe.callbacks import (
+        GuardedCheckpoint,
+        NonFiniteGuard,
+        RepresentationDiagnostics,
+        RunSummary,
+        SaveOnInterrupt,
+    )
     from sslpipe.monitor import DataWaitMonitor
     from sslpipe.runs import RunOptions, build_loggers, make_run_dir
 
@@ -33,6 +39,8 @@ def _pretrain_cli_class():
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_class_arguments(RunOptions, "run")
+            # RankMe, uniformity, alignment, energies every N epochs; collapse warns or stops (--diagnostics.*).
+            parser.add_class_arguments(RepresentationDiagnostics, "diagnostics")
             parser.add_argument(
                 "--ckpt_path",
                 type=Optional[str],
@@ -87,6 +95,9 @@ def _pretrain_cli_class():
                 NonFiniteGuard(self.run_options.on_nan),
                 SaveOnInterrupt(self.run_dir),
             ]
+            diagnostics = RepresentationDiagnostics(**cfg.diagnostics.as_dict())
+            if diagnostics.every_n_epochs > 0:
+                callbacks.append(diagnostics)
             if logger:
                 callbacks.append(LearningRateMonitor(logging_interval="epoch"))
             return super().instantiate_trainer(logger=logger or False, callbacks=callbacks, **kwargs)

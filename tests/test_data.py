@@ -120,16 +120,20 @@ def _check_train_batches(dm: SSLDataModule, n_images: int, num_views: int = 2) -
     seen = []
     for views, labels, indices in batches:
         assert isinstance(views, list) and len(views) == num_views
-        for v in views:
+        # what the model sees: in augment_on device mode the loader's uint8 views get their photometric half here
+        for v in dm.device_views(views):
             assert v.shape == (dm.batch_size, 3, dm.image_size, dm.image_size) and v.dtype == torch.float32
         assert labels.shape == indices.shape == (dm.batch_size,)
         seen += indices.tolist()
     assert len(set(seen)) == len(seen) and all(0 <= i < n_images for i in seen)
 
 
-def test_datamodule_imagefolder(tmp_path):
+@pytest.mark.parametrize("augment_on", ["cpu", "device"])
+def test_datamodule_imagefolder(tmp_path, augment_on):
     root = write_image_folder(tmp_path / "folder")
-    dm = SSLDataModule("imagefolder", root=root, image_size=SIZE, batch_size=4, eval_batch_size=2, num_workers=0)
+    dm = SSLDataModule(
+        "imagefolder", root=root, image_size=SIZE, batch_size=4, eval_batch_size=2, num_workers=0, augment_on=augment_on
+    )
     assert dm.num_classes == 3  # read from the class folders, the stray file ignored
     dm.setup("fit")
     assert dm.num_train_samples == 9
@@ -175,6 +179,7 @@ def test_datamodule_imagenette(imagenette_root):
     dm.setup("fit")
     assert dm.num_train_samples == 1000
     views, labels, indices = next(iter(dm.train_dataloader()))
+    views = dm.device_views(views)
     assert len(views) == 2 and views[0].shape == (16, 3, 32, 32) and views[0].dtype == torch.float32
     assert not torch.equal(views[0], views[1])
     images, labels = next(iter(dm.val_dataloader()))

@@ -6,6 +6,10 @@ each tile is a random crop of its cell that is ``jitter`` pixels smaller (64 px)
 tiles never share an edge the network could match instead of learning content. Each tile gets its
 own photometric augmentation, then the tiles are shuffled by a permutation drawn from a fixed set
 of maximally different permutations.
+
+With ``data.augment_on device`` the workers produce the same geometry in uint8 (image crop, grid crop, tile
+crops, flips, the shuffle) and each tile's photometric ops run batched on the device, one independent draw
+per tile (:class:`JigsawBatched`).
 """
 
 from __future__ import annotations
@@ -13,13 +17,14 @@ from __future__ import annotations
 import functools
 import itertools
 from dataclasses import fields, replace
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torchvision.transforms import v2
 
-from sslpipe.augment.simclr import SimCLRAugment, Transform, ViewRecipe, simclr_transform
+from sslpipe.augment.batched import BatchedPhotometric
+from sslpipe.augment.simclr import SimCLRAugment, Transform, ViewRecipe, geometric_transform, simclr_transform
 
 GRID = 3
 NUM_TILES = GRID * GRID
@@ -110,6 +115,25 @@ class JigsawTransform:
         return f"JigsawTransform({len(self.permutations)} permutations, jitter {self.jitter})"
 
 
+class JigsawBatched:
+    """The device half of PIRL's views: ``[image (B,3,S,S), tiles (B,9,3,t,t), index (B,)]`` uint8 views in,
+    the image and every tile augmented independently and normalised, the permutation index passed through."""
+
+    def __init__(self, image: BatchedPhotometric, tile: BatchedPhotometric) -> None:
+        self.image, self.tile = image, tile
+
+    def __call__(self, views: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        if len(views) != 3:
+            raise ValueError(f"expected [image, tiles, permutation index] from JigsawViews, got {len(views)} views")
+        image, tiles, index = views
+        b, t = tiles.shape[:2]
+        tiles = self.tile(tiles.flatten(0, 1), generator).unflatten(0, (b, t))
+        return [self.image(image, generator), tiles, index]
+
+    def __repr__(self) -> str:
+        return f"JigsawBatched(image={self.image}, tile={self.tile})"
+
+
 class JigsawViews(ViewRecipe):
     """PIRL's view recipe: the image ``I`` and its jigsaw ``I^t``.
 
@@ -166,16 +190,33 @@ class JigsawViews(ViewRecipe):
             raise ValueError(f"tile_jitter must be in [0, {cell}) for {cell}-px cells (grid_size {grid}), got {jitter}")
         return grid, jitter, self.tile_size or cell - jitter
 
-    def build(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> JigsawTransform:
-        """The image pipeline, the grid crop, the per-tile pipeline and the permutation set."""
+    def _transform(self, image_size: int, image: Transform, tile: Callable[[int], Transform]) -> JigsawTransform:
         grid, jitter, tile_size = self.geometry(image_size)
         grid_transform = v2.Compose(
             [v2.ToImage(), v2.RGB(), v2.RandomResizedCrop(grid, scale=self.grid_crop_scale, antialias=True)]
         )
         return JigsawTransform(
-            image_transform=simclr_transform(self.image_aug, image_size, mean, std),
+            image_transform=image,
             grid_transform=grid_transform,
-            tile_transform=simclr_transform(self.tile_aug, tile_size, mean, std),
+            tile_transform=tile(tile_size),
             permutations=jigsaw_permutations(self.num_permutations, self.permutation_seed),
             jitter=jitter,
+        )
+
+    def build(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> JigsawTransform:
+        """The image pipeline, the grid crop, the per-tile pipeline and the permutation set, all per sample."""
+        image = simclr_transform(self.image_aug, image_size, mean, std)
+        return self._transform(image_size, image, lambda side: simclr_transform(self.tile_aug, side, mean, std))
+
+    def build_geometric(self, image_size: int) -> JigsawTransform:
+        """The same geometry with uint8 image and tiles: no photometric op, no normalisation."""
+        image = geometric_transform(self.image_aug, image_size)
+        return self._transform(image_size, image, lambda side: geometric_transform(self.tile_aug, side))
+
+    def build_batched(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> JigsawBatched:
+        """The image view's and the tiles' photometric ops and normalisation, batched (one draw per tile)."""
+        tile_size = self.geometry(image_size)[2]
+        return JigsawBatched(
+            BatchedPhotometric(self.image_aug, image_size, mean, std),
+            BatchedPhotometric(self.tile_aug, tile_size, mean, std),
         )

@@ -1,14 +1,13 @@
 """MAE's light augmentation: one random-resized crop and a flip, no colour distortion.
 
 Masking already makes the pretext task hard; MAE reports that colour jitter hurts it. One view per
-image, returned as a 1-element list so batches have the same ``views`` shape as other methods'.
+image, returned as a 1-element list so batches have the same ``views`` shape as other methods'. With
+``data.augment_on device`` the workers crop and flip to uint8 and the device only normalises.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
-from sslpipe.augment.simclr import MultiView, SimCLRAugment, ViewRecipe, simclr_transform
+from sslpipe.augment.simclr import SimCLRAugment, ViewRecipe
 
 
 class MAEViews(ViewRecipe):
@@ -37,6 +36,6 @@ class MAEViews(ViewRecipe):
             solarize_p=0.0,
         )
 
-    def build(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> MultiView:
-        """A single crop+flip pipeline wrapped in a :class:`MultiView` (one-element list per image)."""
-        return MultiView([simclr_transform(self.augment, image_size, mean, std)])
+    def view_settings(self) -> list[SimCLRAugment]:
+        """The single crop+flip view (a 1-element list per image from every builder)."""
+        return [self.augment]

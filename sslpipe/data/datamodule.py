@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from sslpipe.augment import SimCLRViews, ViewRecipe, eval_transform
+from sslpipe.augment import BatchedAugment, SimCLRViews, ViewRecipe, eval_transform
 from sslpipe.data.datasets import (
     ImageFiles,
     IndexedDataset,
@@ -21,6 +24,24 @@ from sslpipe.data.datasets import (
 from sslpipe.data.scan import OnBadImage
 from sslpipe.errors import ConfigError, DataError, check_positive
 from sslpipe.resume import ResumableSampler, loader_position
+
+AugmentOn = Literal["auto", "cpu", "device"]
+
+# What ``data.augment_on: auto`` means when training on the CPU (on an accelerator auto is always ``device``).
+# Chosen by measurement: per-sample views in loader workers (cpu) vs crop/flip in the workers and the photometric
+# ops batched in the training process (device), timed with scripts/bench_augment.py and the train section of
+# scripts/benchmark.py (data.augment_on rows) on the development CPU; the faster one is set here. Change it only
+# with a new measurement.
+CPU_AUGMENT_DEFAULT: Literal["cpu", "device"] = "device"
+
+# Mixed into the augmentation generator's seed so its stream is not the global generator's (seeded from the same
+# run seed by seed_everything): on the CPU the two would otherwise draw the same numbers.
+_AUGMENT_STREAM = 0x5A17
+
+
+def augment_seed(base: int, rank: int, step: int) -> int:
+    """Seed of the device augmentation generator: one stream per (run seed, global rank, resumed step)."""
+    return int(np.random.SeedSequence([_AUGMENT_STREAM, base % 2**63, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -42,6 +63,13 @@ class SSLDataModule(pl.LightningDataModule):
         persistent_workers: keep workers alive between epochs (ignored when ``num_workers`` is 0).
         download: let torchvision download CIFAR/STL (needs network).
         views: the training-view recipe (default: two SimCLR views).
+        augment_on: where the views' photometric ops run. ``cpu``: the whole recipe per sample in the loader
+            workers, float views leave them. ``device``: workers decode, crop and flip to uint8 (4x less to copy);
+            colour jitter, grayscale, blur, solarisation and normalisation run over the whole batch on the
+            training device after the transfer, parameters drawn per sample from a generator seeded by the run
+            seed and the global rank (its state is saved in checkpoints). ``auto``: ``device`` on an accelerator,
+            :data:`CPU_AUGMENT_DEFAULT` on the CPU. Validation and feature extraction are unaffected: their
+            deterministic transform stays in the workers.
     """
 
     def __init__(
@@ -58,6 +86,7 @@ class SSLDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         download: bool = False,
         views: Optional[ViewRecipe] = None,
+        augment_on: AugmentOn = "auto",
     ) -> None:
         super().__init__()
         self.spec = dataset_spec(dataset)
@@ -90,19 +119,15 @@ class SSLDataModule(pl.LightningDataModule):
         self.persistent_workers = persistent_workers and num_workers > 0
         self.download = download
         self.views = views if views is not None else SimCLRViews()
+        if augment_on not in ("auto", "cpu", "device"):
+            raise ConfigError(f"data.augment_on must be auto, cpu or device, got {augment_on!r}")
+        self.augment_on = augment_on
         self._datasets: dict[str, Dataset] = {}
+        # Set when the pretraining set is built: its device half (device mode only), used by on_after_batch_transfer.
+        self._batched: Optional[BatchedAugment] = None
+        self._generator: Optional[torch.Generator] = None
+        self._restored_generator: Optional[dict[str, Any]] = None
         self._resume_position: dict[str, int] = {"epoch": 0, "batches": 0}
-
-    # ------------------------------------------------------------ checkpointed loader position
-    def state_dict(self) -> dict[str, Any]:
-        """The loader position (epoch, batches trained on) for an exact mid-epoch resume (:mod:`sslpipe.resume`)."""
-        trainer = self.trainer
-        return loader_position(trainer) if trainer is not None and trainer.fit_loop is not None else {}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the training loader where the checkpoint left it (applied by :meth:`train_dataloader`)."""
-        if state_dict:
-            self._resume_position = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
 
     # ------------------------------------------------------------ facts about the data
     @property
@@ -140,9 +165,97 @@ class SSLDataModule(pl.LightningDataModule):
         """The deterministic transform used for validation and feature extraction."""
         return eval_transform(self.image_size, self.mean, self.std, self.spec.eval_resize_ratio)
 
+    def resolved_augment_on(self) -> Literal["cpu", "device"]:
+        """``augment_on`` with ``auto`` resolved: ``device`` on an accelerator, :data:`CPU_AUGMENT_DEFAULT` on the CPU
+        (without a trainer: on the CPU unless CUDA is available)."""
+        if self.augment_on != "auto":
+            return self.augment_on
+        trainer = self.trainer
+        on_cpu = (
+            isinstance(trainer.accelerator, CPUAccelerator) if trainer is not None else not torch.cuda.is_available()
+        )
+        return CPU_AUGMENT_DEFAULT if on_cpu else "device"
+
     def train_transform(self):
-        """The training-view transform built from ``views`` for this dataset's size and statistics."""
-        return self.views.build(self.image_size, self.mean, self.std)
+        """The per-image worker transform built from ``views`` for this dataset's size and statistics: the whole
+        recipe (``augment_on`` cpu) or its uint8 geometric half (device; :meth:`device_views` does the rest)."""
+        mode = self.resolved_augment_on()
+        if mode == "device":
+            try:
+                transform = self.views.build_geometric(self.image_size)
+                self._batched = self.views.build_batched(self.image_size, self.mean, self.std)
+            except NotImplementedError as err:
+                if self.augment_on == "device":
+                    raise ConfigError(
+                        f"data.views {type(self.views).__name__} has no device half ({err}); "
+                        "use --data.augment_on cpu (or auto)"
+                    ) from err
+                rank_zero_info(f"data.augment_on auto: {type(self.views).__name__} runs per sample on the CPU ({err})")
+                mode = "cpu"
+        if mode == "cpu":
+            self._batched = None
+            transform = self.views.build(self.image_size, self.mean, self.std)
+        return transform
+
+    # ------------------------------------------------------------ device augmentation
+    def augment_generator(self, device: torch.device) -> torch.Generator:
+        """The generator the device half draws from, made on first use on ``device``: seeded from the run seed
+        (``seed_everything``'s, else torch's initial seed), the global rank and the step a resumed run starts at,
+        or, resuming a single-process run on the same kind of device, the state saved in the checkpoint."""
+        if self._generator is not None and self._generator.device == device:
+            return self._generator
+        trainer = self.trainer
+        rank, world, step = (trainer.global_rank, trainer.world_size, trainer.global_step) if trainer else (0, 1, 0)
+        generator = torch.Generator(device=device)
+        saved = self._restored_generator
+        if saved is not None and saved["world_size"] == world == 1 and saved["device_type"] == device.type:
+            generator.set_state(saved["state"])
+        else:  # several ranks: rank 0's saved state would give every rank the same stream; derive each one's
+            generator.manual_seed(augment_seed(int(os.environ.get("PL_GLOBAL_SEED", torch.initial_seed())), rank, step))
+        self._restored_generator = None
+        self._generator = generator
+        return generator
+
+    def device_views(self, views: Any) -> Any:
+        """The training views the model sees, from what the loader gave (already on the device): the batched
+        photometric half applied in ``device`` mode, unchanged in ``cpu`` mode."""
+        if self._batched is None:
+            return views
+        first = views[0]
+        return self._batched(views, self.augment_generator(first.device))
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches in ``device`` mode: the photometric half on the device, cast to the trainer's input
+        precision (Lightning casts inputs before the transfer, when the views were still uint8)."""
+        trainer = self.trainer
+        if self._batched is None or trainer is None or not trainer.training:
+            return batch  # validation / feature batches: the eval transform already normalised them
+        views, labels, indices = batch
+        views = trainer.precision_plugin.convert_input(self.device_views(views))
+        return views, labels, indices
+
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning stores in checkpoints: the loader position (epoch, batches trained on) for an exact
+        mid-epoch resume (:mod:`sslpipe.resume`) and the device augmentation generator's state."""
+        trainer = self.trainer
+        state: dict[str, Any] = {}
+        if trainer is not None and trainer.fit_loop is not None:
+            state.update(loader_position(trainer))
+        if self._generator is not None:
+            state["augment_generator"] = {
+                "state": self._generator.get_state(),
+                "device_type": self._generator.device.type,
+                "world_size": trainer.world_size if trainer is not None else 1,
+            }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training loader where the checkpoint left it (applied by :meth:`train_dataloader`); keep the
+        saved generator state for :meth:`augment_generator` (the device is known at the first batch)."""
+        if "epoch" in state_dict:
+            self._resume_position = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"])}
+        self._restored_generator = state_dict.get("augment_generator")
+        self._generator = None
 
     # ------------------------------------------------------------ datasets
     def _fit_splits(self) -> list[Split]:

@@ -59,6 +59,7 @@ def _parser(command: str):
     # Accepted so a pretraining YAML can be passed as --config; the model comes from the checkpoint.
     parser.add_argument("--model", type=Optional[dict], default=None, help="Ignored (the checkpoint defines it).")
     parser.add_argument("--ckpt_path", type=Optional[str], default=None, help="Ignored.")
+    parser.add_argument("--diagnostics", type=Optional[dict], default=None, help="Ignored (pretraining only).")
     parser.add_class_arguments(RunOptions, "run")
     parser.add_class_arguments(SSLDataModule, "data", fail_untyped=False)
     parser.add_class_arguments(Trainer, "trainer", fail_untyped=False)
