@@ -239,7 +239,7 @@ class SSLDataModule(pl.LightningDataModule):
         mid-epoch resume (:mod:`sslpipe.resume`) and the device augmentation generator's state."""
         trainer = self.trainer
         state: dict[str, Any] = {}
-        if trainer is not None and trainer.fit_loop is not None:
+        if getattr(trainer, "fit_loop", None) is not None:  # a trainer fitting (not a stand-in in a unit test)
             state.update(loader_position(trainer))
         if self._generator is not None:
             state["augment_generator"] = {
