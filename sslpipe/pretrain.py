@@ -86,7 +86,13 @@ def _pretrain_cli_class():
             every = self.run_options.checkpoint_every_n_steps
             if every:  # last.ckpt also between validations: a crash loses at most `every` steps
                 callbacks.append(
-                    GuardedCheckpoint(dirpath=checkpoints_dir, save_top_k=0, save_last=True, every_n_train_steps=every)
+                    GuardedCheckpoint(
+                        dirpath=checkpoints_dir,
+                        save_top_k=0,
+                        save_last=True,
+                        every_n_train_steps=every,
+                        enable_version_counter=False,  # both callbacks write the one last.ckpt, never last-v1.ckpt
+                    )
                 )
             callbacks += [
                 checkpoint,
