@@ -411,6 +411,8 @@ def test_on_nan_skip_skips_the_update_and_finishes(runs_dir):
     run_dir, _ = run_cli(args)
     metrics = _strict_load(os.path.join(run_dir, "metrics.json"))
     assert metrics["status"] == "finished" and metrics["skipped_nonfinite_steps"] == 1
+    # step checkpoints and the end-of-epoch checkpoint share one last.ckpt (no last-v1.ckpt)
+    assert not [f for f in os.listdir(os.path.join(run_dir, "checkpoints")) if f.startswith("last-v")]
     checkpoint = torch.load(os.path.join(run_dir, "checkpoints", "last.ckpt"), map_location="cpu", weights_only=True)
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
