@@ -166,6 +166,6 @@ def test_random_twin_digits_knn_matches_a_standard_resnet18():
     twin_acc = _knn_top1(twin, xtr, ytr, xva, yva)
     reference_acc = _knn_top1(reference, xtr, ytr, xva, yva)
     zero_acc = _knn_top1(zero_init, xtr, ytr, xva, yva)
-    assert twin_acc > 60.0, (twin_acc, reference_acc, zero_acc)
-    assert abs(twin_acc - reference_acc) < 10.0, (twin_acc, reference_acc, zero_acc)
+    assert twin_acc > 80.0, (twin_acc, reference_acc, zero_acc)  # seeds 0-2: 91-94% (zero-init: 18%)
+    assert abs(twin_acc - reference_acc) < 6.0, (twin_acc, reference_acc, zero_acc)
     assert twin_acc > zero_acc + 25.0, (twin_acc, reference_acc, zero_acc)
