@@ -32,6 +32,6 @@ done
 echo
 echo "== digits (360 held-out images): each method's backbone vs the same architecture at random init =="
 $sslpipe report --merge --columns method knn_top1 linear_top1 online_linear_top1 epochs train_images_per_second -- "${runs[@]}"
-echo "kNN top-1 is the headline: on digits a linear probe saturates (a random ResNet-18 already reaches ~98%), kNN separates learned from random features. Each method sits above its <method>-random twin (same architecture, standard init, no zeroed residual branches)."
+echo "kNN top-1 is the headline: a linear probe on 1,437 digits saturates (a random ResNet-18 already reaches ~96%); each method is followed by its <method>-random twin (same architecture, standard init, no zeroed residual branches)."
 echo
 echo "runs in $root; total time (set-up included): $((SECONDS - start)) s"

@@ -22,7 +22,7 @@ done
 echo
 echo "== digits (360 held-out images): SimCLR backbone vs the same ResNet-18 at random init =="
 $sslpipe report --merge --columns method knn_top1 linear_top1 knn_top5 linear_top5 epochs train_images_per_second -- "${runs[@]}"
-echo "kNN top-1 is the headline: on digits a linear probe saturates (a random ResNet-18 already reaches ~98%), kNN separates learned from random features. Each method sits above its <method>-random twin (same architecture, standard init, no zeroed residual branches)."
+echo "kNN top-1 is the headline: a linear probe on 1,437 digits saturates (a random ResNet-18 already reaches ~96%); each method is followed by its <method>-random twin (same architecture, standard init, no zeroed residual branches)."
 echo
 echo "runs: $pre (pretraining), evaluations beside it in $root"
 echo "total time (set-up included): $((SECONDS - start)) s"
