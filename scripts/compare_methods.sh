@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every method on the embedded digits data at the demo's budget: pretrain with configs/<method>/digits.yaml,
-# then linear probe and kNN on the trained backbone and on the same architecture at random init, and print
+# then kNN and linear probe on the trained backbone and on the same architecture at a standard random init
+# (its <method>-random twin, no zeroed residual branches), and print
 # one table. Usage: scripts/compare_methods.sh [METHOD ...]   (default: all; e.g. `moco_v2 pirl`).
 # Extra pretraining flags go in SSLPIPE_PRETRAIN_ARGS, split on spaces (e.g. "--trainer.max_epochs 5").
 set -euo pipefail
@@ -21,7 +22,7 @@ for m in "${methods[@]}"; do
   echo "$m: pretraining took $((SECONDS - t0)) s" >&2
   runs+=("$pre")
   for init in false true; do
-    for cmd in linear knn; do
+    for cmd in knn linear; do
       runs+=("$(last_line $sslpipe $cmd --checkpoint "$pre/checkpoints/last.ckpt" --random_init $init \
                  --trainer.default_root_dir "$root")")
     done
@@ -30,6 +31,7 @@ done
 
 echo
 echo "== digits (360 held-out images): each method's backbone vs the same architecture at random init =="
-$sslpipe report --merge --columns method linear_top1 knn_top1 online_linear_top1 epochs train_images_per_second -- "${runs[@]}"
+$sslpipe report --merge --columns method knn_top1 linear_top1 online_linear_top1 epochs train_images_per_second -- "${runs[@]}"
+echo "kNN top-1 is the headline: a linear probe on 1,437 digits saturates (a random ResNet-18 already reaches ~96%); each method is followed by its <method>-random twin (same architecture, standard init, no zeroed residual branches)."
 echo
 echo "runs in $root; total time (set-up included): $((SECONDS - start)) s"

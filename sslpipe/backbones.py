@@ -1,4 +1,20 @@
-"""Backbones by name from timm (default) or torchvision, classifier removed, feature width discovered."""
+"""Backbones by name from timm (default) or torchvision, classifier removed, feature width discovered.
+
+Initialisation, per family the configs use (what pretraining starts from, and what :func:`standard_init_`
+changes for the random-init baseline):
+
+* timm ResNets (``resnet18``, ``resnet50``): Kaiming-normal (fan-out) convolutions, BatchNorm scale 1 / shift 0,
+  then ``zero_init_last=True`` zeroes the scale of the last BatchNorm of every residual block: each block starts
+  as the identity, a training aid (Goyal et al., 2017) that leaves the *untrained* network a stem plus pooling
+  (digits kNN 17.5%). :func:`standard_init_` sets those scales back to 1, exactly timm's ``zero_init_last=False``.
+* torchvision ResNets (``torchvision/resnet18``): the same Kaiming init with ``zero_init_residual=False`` by
+  default, so nothing is zeroed; with ``zero_init_residual=True`` in ``backbone_kwargs`` :func:`standard_init_`
+  undoes it like timm's.
+* timm ViTs (``vit_tiny/small/base_patch16_224``): truncated-normal (std 0.02) linear layers and position
+  embeddings, zero biases, LayerNorm scale 1 / shift 0, and no LayerScale unless ``init_values`` is given (no
+  config gives it): nothing zeroed, :func:`standard_init_` changes nothing. With ``init_values`` (e.g. 1e-5)
+  the LayerScale gammas nearly zero each residual branch; :func:`standard_init_` sets them to 1 (no scaling).
+"""
 
 from __future__ import annotations
 
@@ -84,6 +100,32 @@ def build_backbone(
         _apply_cifar_stem(model, name)
     width = getattr(model, "num_features", None) or _probe_width(model, image_size or 224)
     return model, int(width)
+
+
+@torch.no_grad()
+def standard_init_(module: nn.Module) -> nn.Module:
+    """Undo zero-initialised residual branches in a freshly built network, in place; return it.
+
+    Every affine normalisation layer (BatchNorm, SyncBatchNorm, GroupNorm, LayerNorm) gets PyTorch's default
+    scale 1 and shift 0, and every timm LayerScale gamma 1. For the backbones above that is their standard
+    initialisation without the zero-init trick (timm ResNet: identical to ``zero_init_last=False`` from the
+    same seed); random convolution and linear weights are untouched and no random numbers are drawn.
+
+    Meant for the random-init *baseline* (:func:`sslpipe.checkpoints.build_method` with ``random_init``):
+    an untrained network whose blocks are identities scores near chance and flatters every method.
+    Pretraining keeps each library's own init. Call it only on an untrained network: it resets learned
+    normalisation parameters.
+    """
+    norms = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    for m in module.modules():
+        if isinstance(m, norms):
+            if getattr(m, "weight", None) is not None:
+                m.weight.fill_(1.0)
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+        elif type(m).__name__ in ("LayerScale", "LayerScale2d") and isinstance(getattr(m, "gamma", None), torch.Tensor):
+            m.gamma.fill_(1.0)
+    return module
 
 
 @torch.no_grad()

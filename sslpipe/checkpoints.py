@@ -126,17 +126,28 @@ def upgrade_checkpoint(checkpoint: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- methods
+#: How ``random_init`` initialises, for feature-cache keys: random-init features cached by an earlier sslpipe
+#: (zero-initialised residual branches) are then not taken for today's baseline. Change it with the init.
+RANDOM_INIT_SCHEME = "standard_init"
+
+
 def load_method(checkpoint_path: str, random_init: bool = False) -> Any:
     """Rebuild the :class:`~sslpipe.methods.SSLMethod` stored in ``checkpoint_path`` (any subclass), on the CPU.
 
-    With ``random_init`` the same architecture is built from the stored hyper-parameters but the
-    weights are left at their (seeded) initialisation: the random-init baseline for evaluation.
+    With ``random_init`` the same architecture is built from the stored hyper-parameters and left at a
+    (seeded) standard initialisation: the random-init baseline for evaluation (see :func:`build_method`).
     """
     return build_method(load_checkpoint(checkpoint_path), random_init, source=checkpoint_path)
 
 
 def build_method(checkpoint: dict[str, Any], random_init: bool = False, source: str = "the checkpoint") -> Any:
-    """The method a checkpoint dict (:func:`load_checkpoint`) describes, with its weights unless ``random_init``."""
+    """The method a checkpoint dict (:func:`load_checkpoint`) describes, with its weights unless ``random_init``.
+
+    ``random_init`` is the fair random baseline: none of the checkpoint's weights, and
+    :func:`~sslpipe.backbones.standard_init_` undoes the zero-initialised residual branches that training
+    starts from (timm ResNets' ``zero_init_last``), which would leave every block an identity.
+    """
+    from sslpipe.backbones import standard_init_
     from sslpipe.methods.base import SSLMethod
 
     path = checkpoint.get("sslpipe_method") or checkpoint["hyper_parameters"].get("_class_path")
@@ -153,6 +164,8 @@ def build_method(checkpoint: dict[str, Any], random_init: bool = False, source: 
         raise CheckpointError(f"{source!r} names {path!r}, which is not an SSLMethod")
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}
     model = cls(**hparams)
-    if not random_init:
+    if random_init:
+        standard_init_(model)
+    else:
         model.load_state_dict(checkpoint["state_dict"])
     return model

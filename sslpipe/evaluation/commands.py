@@ -47,7 +47,10 @@ def _parser(command: str):
     )
     parser.add_argument("--checkpoint", type=str, required=True, help="Checkpoint written by `sslpipe pretrain`.")
     parser.add_argument(
-        "--random_init", type=bool, default=False, help="Evaluate the checkpoint's architecture at random init."
+        "--random_init",
+        type=bool,
+        default=False,
+        help="Evaluate the checkpoint's architecture at a standard random init (no zeroed residual branches).",
     )
     parser.add_argument(
         "--feature_cache",
@@ -112,7 +115,7 @@ class _Evaluation:
 def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
     from pytorch_lightning import seed_everything
 
-    from sslpipe.checkpoints import build_method, load_checkpoint
+    from sslpipe.checkpoints import RANDOM_INIT_SCHEME, build_method, load_checkpoint
     from sslpipe.data import SSLDataModule
     from sslpipe.errors import DataError
     from sslpipe.evaluation.features import cached_features, extract_features, feature_cache_key
@@ -155,7 +158,7 @@ def _setup(command: str, argv: Sequence[str]) -> _Evaluation:
             key = feature_cache_key(
                 cfg.checkpoint,
                 memo_dir=cache_dir,
-                random_init=cfg.random_init,
+                random_init=RANDOM_INIT_SCHEME if cfg.random_init else False,
                 seed=seed,
                 split=split,
                 dataset=data.dataset,
