@@ -428,3 +428,33 @@ def test_recipe_without_device_half():
     assert views.dtype == torch.float32 and dm.device_views(views) is views
     with pytest.raises(ConfigError, match="--data.augment_on cpu"):
         SSLDataModule(image_size=16, num_workers=0, augment_on="device", views=PlainRecipe()).setup("fit")
+
+
+def test_jitter_order_draw_is_uniform_and_grouped_hue_equals_the_masked_path():
+    """``draw_jitter_order``: every row a permutation, each of the 24 orders equally likely for one sample (chi-square
+    over many batches), the groups are exactly the rows whose hue op is in that slot; and ``color_jitter`` with the
+    groups (hue converted once per sample) equals the path that converts the whole batch at every slot."""
+    from sslpipe.augment.batched import draw_jitter_order
+
+    g = torch.Generator().manual_seed(0)
+    n, batches = 10, 2400
+    counts: dict[tuple[int, ...], int] = {}
+    for _ in range(batches):
+        order, groups = draw_jitter_order(n, torch.device("cpu"), g)
+        assert sorted(order[0].tolist()) == [0, 1, 2, 3]
+        assert torch.equal(order.sort(1).values, torch.arange(4).expand(n, 4))
+        for slot, rows in enumerate(groups):
+            expected = (order[:, slot] == 3).nonzero().flatten()
+            assert torch.equal(rows[rows < n].sort().values, expected)  # index n: the padding row
+        key = tuple(order[3].tolist())  # one fixed sample position: its order must be uniform over 24
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 24
+    expected_count = batches / 24
+    chi2 = sum((c - expected_count) ** 2 / expected_count for c in counts.values())
+    assert chi2 < 49.7  # chi-square, 23 degrees of freedom, p = 0.001
+
+    x = torch.rand(n, 3, 16, 16, generator=g)
+    blend = 0.5 + torch.rand(n, 3, generator=g)
+    hue = 0.4 * torch.rand(n, generator=g) - 0.2
+    order, groups = draw_jitter_order(n, torch.device("cpu"), g)
+    torch.testing.assert_close(color_jitter(x, blend, hue, order, groups), color_jitter(x, blend, hue, order))

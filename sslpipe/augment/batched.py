@@ -110,7 +110,13 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, apply: torch.Tensor, ker
     return out.view(n, c, h, w)
 
 
-def color_jitter(x: torch.Tensor, blend: torch.Tensor, hue: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor,
+    blend: torch.Tensor,
+    hue: torch.Tensor | None,
+    order: torch.Tensor,
+    hue_groups: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """torchvision's brightness, contrast, saturation and hue adjustments with per-sample factors and order.
 
     Args:
@@ -119,6 +125,9 @@ def color_jitter(x: torch.Tensor, blend: torch.Tensor, hue: torch.Tensor | None,
         hue: ``(N,)`` hue shifts in turns, or ``None`` to skip the hue op (hue range 0).
         order: ``(N, 4)`` a permutation of 0..3 per sample (0 brightness, 1 contrast, 2 saturation, 3 hue):
             sample i applies op ``order[i, 0]`` first.
+        hue_groups: optional, for each slot the indices of the samples whose hue op sits in that slot (what
+            :func:`draw_jitter_order` returns). The hue conversion is the costly op (~6x a blend); with the groups
+            each sample is converted once, at its slot, instead of the whole batch at every slot.
     """
     for slot in range(4):
         op = order[:, slot].view(-1, 1, 1, 1)
@@ -132,9 +141,44 @@ def color_jitter(x: torch.Tensor, blend: torch.Tensor, hue: torch.Tensor | None,
         factor = blend.gather(1, order[:, slot : slot + 1].clamp(max=2)).view(-1, 1, 1, 1)
         factor = torch.where(op == 3, torch.ones_like(factor), factor)  # the hue slot: no blend
         x = (factor * x + (1.0 - factor) * target).clamp(0.0, 1.0)
-        if hue is not None:
+        if hue is not None and hue_groups is not None:
+            rows = hue_groups[slot]  # may hold the padding index n (a scratch row, dropped again)
+            padded, shift = torch.cat([x, x[:1]]), torch.cat([hue, hue[:1]])
+            converted = adjust_hue(padded.index_select(0, rows), shift.index_select(0, rows))
+            x = padded.index_copy(0, rows, converted)[: x.shape[0]]
+        elif hue is not None:
             x = torch.where(op == 3, adjust_hue(x, hue), x)
     return x
+
+
+def draw_jitter_order(
+    n: int, device: torch.device, generator: torch.Generator
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Per-sample orders of the four jitter ops, drawn so that the hue slots split the batch into fixed-size groups.
+
+    Each sample's order is uniform over the 24 permutations, as in torchvision: the batch is padded to ``m``, a
+    multiple of 4, and shuffled; the sample at position ``p`` puts its hue op in slot ``p % 4`` (uniform, as its
+    position is), and the three blend ops fill the other slots in a uniform random order. Only the joint draw is
+    stratified (at most ``m / 4`` samples share a hue slot), which lets :func:`color_jitter` convert each sample
+    to HSV once with static shapes: ``groups[k]`` holds the ``m / 4`` rows whose hue op is in slot ``k``, the
+    padding positions pointing at row ``n`` (a scratch row).
+
+    Returns:
+        ``order`` ``(n, 4)`` (0 brightness, 1 contrast, 2 saturation, 3 hue) and the four index tensors.
+    """
+    m = -(-n // 4) * 4
+    perm = torch.randperm(m, device=device, generator=generator)
+    position = torch.empty(m, dtype=torch.long, device=device).scatter_(0, perm, torch.arange(m, device=device))
+    hue_slot = (position[:n] % 4).view(-1, 1)
+    groups = [perm[k::4].clamp(max=n) for k in range(4)]
+    others = torch.rand(n, 3, device=device, generator=generator).argsort(1)  # blend ops 0..2, random order
+    # the three non-hue slots of each row, in increasing order (no boolean mask: no host sync), get the blend ops
+    first_three = torch.arange(3, device=device).expand(n, 3)
+    free = first_three + (first_three >= hue_slot).long()
+    order = torch.empty(n, 4, dtype=torch.long, device=device)
+    order.scatter_(1, hue_slot, 3)
+    order.scatter_(1, free, others)
+    return order, groups
 
 
 def _constant(values: Sequence[float], device: torch.device) -> torch.Tensor:
@@ -190,8 +234,8 @@ class BatchedPhotometric:
         blend = torch.where(apply.view(-1, 1), blend, torch.ones_like(blend))  # not jittered: identity factors
         hue = aug.hue * (2.0 * u[:, 3] - 1.0)
         hue = torch.where(apply, hue, torch.zeros_like(hue))
-        order = torch.rand(n, 4, device=x.device, generator=generator).argsort(1)  # a uniform permutation per row
-        return color_jitter(x, blend, hue if aug.hue > 0 else None, order)
+        order, hue_groups = draw_jitter_order(n, x.device, generator)  # a uniform permutation per row
+        return color_jitter(x, blend, hue if aug.hue > 0 else None, order, hue_groups)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Normalised float32 views of uint8 ``images`` ``(N, 3, H, W)``."""
