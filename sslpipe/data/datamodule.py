@@ -28,10 +28,10 @@ from sslpipe.resume import ResumableSampler, loader_position
 AugmentOn = Literal["auto", "cpu", "device"]
 
 # What ``data.augment_on: auto`` means when training on the CPU (on an accelerator auto is always ``device``).
-# Chosen by measurement: per-sample views in loader workers (cpu) vs crop/flip in the workers and the photometric
-# ops batched in the training process (device), timed with scripts/bench_augment.py and the train section of
-# scripts/benchmark.py (data.augment_on rows) on the development CPU; the faster one is set here. Change it only
-# with a new measurement.
+# Chosen by measurement (2-core CPU, 2 loader workers, SimCLR ResNet-18 on a photo folder, ImageNet recipe; the
+# lead's run of 2026-12-02): device 122-131 vs cpu 111-114 images/s at 64 px, 22.0 vs 14.0 at 224 px. The batched
+# ops cost less per image than per-sample ones and the workers no longer compete with the step for the cores.
+# Change it only with a new measurement.
 CPU_AUGMENT_DEFAULT: Literal["cpu", "device"] = "device"
 
 # Mixed into the augmentation generator's seed so its stream is not the global generator's (seeded from the same
