@@ -601,6 +601,9 @@ def run_loss(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
         return out
     block = getattr(importlib.import_module("sslpipe.losses"), "AUTO_BLOCK", None)
     ns = [256, 1024] if args.quick else [256, 1024, 4096, 16384, 65536]
+    # N = 65,536 on a CPU is ~3 TFLOP per tiled step: minutes per round; a CPU run stops at --loss_max_n
+    max_n = args.loss_max_n or (65536 if device.type == "cuda" else 16384)
+    ns = [n for n in ns if n <= max_n]
     rows = _call(module.run, ns=ns, d=128, device=device, block=block, warmup=1, iters=args.iters)
     out["entries"] += [{"table": "tiled", **r} for r in rows]
     if hasattr(module, "markdown"):
@@ -885,6 +888,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="loader workers for augment_on cpu/device")
     ap.add_argument("--gpu_batch", type=int, default=256, help="gpu section: SimCLR ResNet-50 batch")
     ap.add_argument("--max_loss_batch", type=int, default=1 << 21, help="gpu section: cap of the loss-batch search")
+    ap.add_argument(
+        "--loss_max_n", type=int, default=None, help="loss section: largest N (default GPU 65536, CPU 16384)"
+    )
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None, help="steps per round")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (the median counts)")

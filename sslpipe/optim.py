@@ -154,21 +154,25 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Instantiate the named optimiser over ``groups`` (which carry their own weight decay).
 
-    SGD and AdamW run fused (one kernel for the whole update) when every parameter is on a CUDA device,
-    else with ``foreach`` multi-tensor ops; LARS always runs its ``foreach`` form. Call it after the model
-    has moved to its device (Lightning's ``configure_optimizers`` does).
+    On a CUDA device SGD and AdamW run fused (one kernel for the whole update) and LARS its ``foreach`` form (a
+    few multi-tensor kernels instead of several per parameter). On the CPU, where there are no launches to save,
+    all three run the per-parameter loop: ``scripts/benchmark.py`` (optimiser step alone, ResNet-50's 164 tensors,
+    2-core CPU) measured the loop 1.8x (LARS), 2.0x (SGD) and 1.4x (AdamW) faster than ``foreach``. Call it
+    after the model has moved to its device (Lightning's ``configure_optimizers`` does).
     """
     fused = _all_on_cuda(groups)
     if name == "sgd":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None, foreach=not fused)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, fused=fused or None, foreach=False if not fused else None
+        )
     if name == "adamw":
         for g in groups:
             g.pop("lars_exclude", None)
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=not fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=False if not fused else None)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
+        return LARS(groups, lr=lr, momentum=momentum, foreach=fused)
     raise ValueError(f"unknown optimizer {name!r}: choose 'sgd', 'adamw' or 'lars'")
 
 

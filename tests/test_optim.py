@@ -300,13 +300,15 @@ def test_lars_state_is_interchangeable_between_foreach_and_loop():
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-6, atol=1e-7)
 
 
-def test_sgd_and_adamw_use_foreach_on_cpu_and_fused_on_cuda():
+def test_optimisers_loop_on_cpu_and_fuse_or_foreach_on_cuda():
     net = nn.Linear(3, 2)
     for name in ("sgd", "adamw"):
         opt = build_optimizer(name, param_groups(net, 0.1), lr=0.1)
-        assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+        assert opt.defaults["foreach"] is False and not opt.defaults["fused"]
+    assert build_optimizer("lars", param_groups(net, 0.1), lr=0.1).foreach is False
     if torch.cuda.is_available():
         net = net.cuda()
         for name in ("sgd", "adamw"):
             opt = build_optimizer(name, param_groups(net, 0.1), lr=0.1)
             assert opt.defaults["fused"] is True and not opt.defaults["foreach"]
+        assert build_optimizer("lars", param_groups(net, 0.1), lr=0.1).foreach is True
