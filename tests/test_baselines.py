@@ -169,3 +169,26 @@ def test_random_twin_digits_knn_matches_a_standard_resnet18():
     assert twin_acc > 80.0, (twin_acc, reference_acc, zero_acc)  # seeds 0-2: 91-94% (zero-init: 18%)
     assert abs(twin_acc - reference_acc) < 6.0, (twin_acc, reference_acc, zero_acc)
     assert twin_acc > zero_acc + 25.0, (twin_acc, reference_acc, zero_acc)
+
+
+def test_random_init_evaluation_never_reads_the_trained_features_from_the_cache(tmp_path):
+    """kNN of the random twin with a warm cache (the trained model's features already there) equals the same
+    evaluation without any cache; the trained score differs, so a key without the init would show."""
+    from tests.checkpoints import perturb_, save_method_checkpoint
+    from tests.helpers import read_metrics, run_cli
+
+    torch.manual_seed(0)
+    method = perturb_(SimCLR(backbone="resnet10t", image_size=8, proj_hidden_dim=16, proj_output_dim=8))
+    ckpt = save_method_checkpoint(method, str(tmp_path / "model.ckpt"))
+    common = ["knn", "--checkpoint", ckpt, "--data.num_workers", "0", "--trainer.precision", "32-true"]
+    common += ["--trainer.default_root_dir", str(tmp_path / "runs")]
+    cache = ["--feature_cache", str(tmp_path / "cache")]
+
+    def knn_top1(*extra: str) -> float:
+        return read_metrics(run_cli([*common, *extra])[0])["knn_top1"]
+
+    trained = knn_top1(*cache)
+    random_warm = knn_top1(*cache, "--random_init", "true")
+    random_uncached = knn_top1("--feature_cache", "none", "--random_init", "true")
+    assert random_warm == random_uncached != trained
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 4  # (trained, random) x (train, val)

@@ -73,8 +73,8 @@ def test_pretrain_ddp_two_cpu_processes(method, tmp_path):
     assert ranks[0]["seed"] != ranks[1]["seed"]  # each rank draws its own masks, noise and negatives
     for name in shared:
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name} differs between the ranks"
-    if method == "moco_v2":  # 2 steps x 2 ranks x 16 keys went in; DDP does not re-send the queue from rank 0
-        assert int(ranks[0]["queue.ptr"]) == 64 and int(ranks[0]["key_encoder.num_updates"]) == 2
+    if method == "moco_v2":  # 2 steps x 2 ranks x 16 images x 2 views (symmetric); DDP does not re-send the queue
+        assert int(ranks[0]["queue.ptr"]) == 128 and int(ranks[0]["key_encoder.num_updates"]) == 2
         assert {"queue.queue", "queue.ptr", "key_encoder.num_updates"} <= set(ranks[0]["ddp_ignored"])
     if method == "pirl":  # the slots of both ranks' images moved away from their random start
         from sslpipe.memory import MemoryBank

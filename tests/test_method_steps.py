@@ -88,6 +88,22 @@ def test_moco_v2_loss_uses_the_queue_before_this_step_then_enqueues_the_keys():
     assert int(model.queue.ptr) == ptr + 8
 
 
+def test_moco_v2_symmetric_adds_the_swapped_pair_against_the_same_queue_and_enqueues_both_keys():
+    model = _moco_v2(symmetric=True)
+    x1, x2 = _views()
+    ptr = int(model.queue.ptr)
+    queue_before = model.queue.queue.clone()
+    ref = copy.deepcopy(model)
+    q1, q2 = (ref.projector(ref.backbone(x)) for x in (x1, x2))
+    k1, k2 = (F.normalize(ref.key_encoder(x), dim=1) for x in (x1, x2))
+    out = model.ssl_step([x1, x2])
+    expected = _v2(q1, k2, queue_before, 0.3) + _v2(q2, k1, queue_before, 0.3)
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
+    # [k(view 1), k(view 2)] fill the 16 rows after the old pointer, in that order
+    torch.testing.assert_close(model.queue.queue[ptr : ptr + 16], torch.cat([k1, k2]).float(), atol=1e-6, rtol=1e-5)
+    assert int(model.queue.ptr) == (ptr + 16) % model.queue.size
+
+
 def test_moco_v2_keys_come_back_in_input_order_after_shuffle_bn():
     model = _moco_v2(shuffle_bn=True, bn_splits=2)
     x = _views(count=1)[0]

@@ -270,7 +270,7 @@ def test_pretrain_then_knn_end_to_end(config, runs_dir):
     state = torch.load(f"{run_dir}/checkpoints/last.ckpt", weights_only=False)["state_dict"]
     assert int(state["key_encoder.num_updates"]) == 3
     if "v2" in config:
-        assert int(state["queue.ptr"]) == 3 * 32  # TINY's batch 32, three steps, queue of 1024
+        assert int(state["queue.ptr"]) == 3 * 32 * 2  # TINY batch 32, three steps, both views (symmetric)
     eval_dir, _ = run_cli(
         [
             "knn",

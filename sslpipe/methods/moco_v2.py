@@ -31,6 +31,8 @@ class MoCoV2(SSLMethod):
         queue_size: K (65536 for ImageNet; a few batches for small data sets).
         key_momentum: m (MoCo v2: 0.999), or its start with ``key_momentum_cosine``.
         key_momentum_cosine: raise m to 1 over training along a half cosine.
+        symmetric: also score ``q(view 2)`` against ``k(view 1)`` and enqueue both views' keys (the official
+            MoCo CIFAR demo's option): twice the compute per step, more signal per image seen.
         shuffle_bn: shuffle keys across ranks before the key encoder (MoCo's fix for BN leaking the positive).
         bn_splits: normalise over this many sub-batches per device (emulated devices; the single-device
             stand-in for shuffle-BN, as in the official MoCo CIFAR demo).
@@ -52,6 +54,7 @@ class MoCoV2(SSLMethod):
         queue_size: int = 65536,
         key_momentum: float = 0.999,
         key_momentum_cosine: bool = False,
+        symmetric: bool = False,
         shuffle_bn: bool = True,
         bn_splits: int = 1,
         sync_bn: bool = False,
@@ -67,7 +70,7 @@ class MoCoV2(SSLMethod):
         )
         super().__init__(**kwargs)
         self.bn = BatchNormPolicy(bn_splits, shuffle_bn, sync_bn)
-        self.temperature, self.contrastive_block = temperature, contrastive_block
+        self.temperature, self.contrastive_block, self.symmetric = temperature, contrastive_block, symmetric
         self.projector = mlp(self.feature_dim, proj_hidden_dim, proj_output_dim, proj_num_layers, proj_batch_norm)
         if sync_bn:
             self.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.backbone)
@@ -84,16 +87,24 @@ class MoCoV2(SSLMethod):
         """L2-normalised fp32 key-encoder projections of ``images`` (shuffle-/split-BN applied), no gradients."""
         return F.normalize(self.bn.keys(self.key_encoder, self.memory_format(images)).float(), dim=1)
 
+    def query(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(backbone features, projections)`` of ``images``, every BatchNorm in ``bn_splits`` groups."""
+        features = self.bn.split(self.encode, images)
+        return features, self.bn.split(self.projector, features)
+
     def ssl_step(self, views: list[torch.Tensor], indices: Optional[torch.Tensor] = None) -> SSLOutput:
-        """InfoNCE of ``q(view 1)`` against ``k(view 2)`` and the queue; then the keys are enqueued."""
+        """InfoNCE of ``q(view 1)`` against ``k(view 2)`` and the queue (+ the swapped pair when symmetric)."""
         x1, x2 = self.two_views(views)
         self.bn.check_batch(x1.shape[0])
-        # Queries, like keys, pass every BatchNorm (backbone and projector) in bn_splits groups.
-        features = self.bn.split(self.encode, x1)
-        q, k = self.bn.split(self.projector, features), self.keys(x2)
+        features, q = self.query(x1)
+        k = self.keys(x2)
         # A copy: the enqueue below overwrites rows the loss's backward still needs.
         queue = self.queue.queue.clone()
         loss, logs = infonce_loss(q, k, queue, self.temperature, block=self.contrastive_block, return_stats=True)
+        if self.symmetric:  # the official demo sums the two directions (no 1/2) and enqueues [k1, k2]
+            k1 = self.keys(x1)
+            loss = loss + infonce_loss(self.query(x2)[1], k1, queue, self.temperature, block=self.contrastive_block)
+            k = torch.cat([k1, k])
         self.queue.enqueue(k)
         logs["key_momentum"] = self.key_encoder.momentum_at(self.global_step, self.total_steps)
         return SSLOutput(loss=loss, features=features, logs=logs)
