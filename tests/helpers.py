@@ -81,6 +81,16 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any) -> 
 
     ``fn`` must be a module-level function (it is pickled) and return tensors/picklable objects.
     """
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world_size, _free_port(), fn, args, tmp), nprocs=world_size, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    for attempt in range(2):
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                mp.spawn(_worker, args=(world_size, _free_port(), fn, args, tmp), nprocs=world_size, join=True)
+            except mp.ProcessExitedException:
+                # A worker killed by a signal (gloo aborting when the free port was taken between the probe and
+                # the rendezvous; seen once in CI): retry once on a fresh port. A Python error in ``fn`` raises
+                # ProcessRaisedException instead, which is never retried.
+                if attempt:
+                    raise
+                continue
+            return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+    raise AssertionError("unreachable")
